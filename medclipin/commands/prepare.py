@@ -1,0 +1,80 @@
+"""Turn a public dataset's raw files into a split-aware manifest.
+
+    medclipin prepare DATASET --root RAW --out MANIFEST [options]
+
+DATASET is one of mimic-cxr, mimic-cxr-jpg, chexpert, iu-xray, rsna-pneumonia, rfmid, odir,
+image-folder, csv, jsonl (``medclipin prepare DATASET --help`` lists its options). The summary
+printed (and written with --summary) holds counts only: records and patients per split, label
+positives, and every skipped record by reason. Report text is never printed unless --show-text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medclipin.data.manifest import write_manifest
+from medclipin.data.prepare import DATASETS, PrepareError, adapter
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    for name, (_, help_text) in DATASETS.items():
+        module = adapter(name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--root", required=True, help="folder holding the raw files in the published layout")
+        p.add_argument("--out", required=True, help="manifest to write (.csv or .jsonl)")
+        p.add_argument("--summary", default=None, help="also write the counts summary as JSON here")
+        p.add_argument("--absolute-paths", action="store_true",
+                       help="store absolute image paths (default: relative to the manifest's folder)")
+        p.add_argument("--show-text", action="store_true",
+                       help="print the first record's text sections (off by default: report text is private)")
+        module.add_arguments(p)
+
+
+def print_summary(dataset: str, out: Path, summary: dict, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up at call time so redirection/capture works
+    print(f"prepared {dataset}: {summary['records']} records -> {out}", file=stream)
+    print("  records per split:  " + ", ".join(f"{k} {v}" for k, v in summary["records_per_split"].items()), file=stream)
+    print("  patients per split: " + ", ".join(f"{k} {v}" for k, v in summary["patients_per_split"].items()), file=stream)
+    print(f"  with findings {summary['with_findings']}, with impression {summary['with_impression']}, "
+          f"with any text {summary['with_any_text']}", file=stream)
+    if summary["label_positives"]:
+        print("  label positives:    " + ", ".join(f"{k} {v}" for k, v in summary["label_positives"].items()),
+              file=stream)
+    print(f"  skipped {summary['skipped_total']}" + (":" if summary["skipped"] else ""), file=stream)
+    for reason, count in summary["skipped"].items():
+        print(f"    {count:8d}  {reason}", file=stream)
+    for note, count in summary["notes"].items():
+        print(f"  note: {count} {note}", file=stream)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = adapter(args.dataset)
+    try:
+        result = module.prepare(args)
+    except PrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_manifest(out, result.records, result.label_names, relative_paths=not args.absolute_paths)
+    summary = {"dataset": args.dataset, **result.summary()}
+    print_summary(args.dataset, out, summary)
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if args.show_text and result.records:
+        first = result.records[0]
+        print(f"  first record text (--show-text): findings={first.findings!r} impression={first.impression!r} "
+              f"text={first.text!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``medclipin prepare`` on its own (tests, scripts)."""
+    parser = argparse.ArgumentParser(prog="medclipin prepare", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,66 @@
+"""Check a manifest: files exist and decode, counts per split, empty texts, label prevalence,
+duplicate images (same path or same content) and patient leakage across splits.
+
+    medclipin validate MANIFEST [--all] [--sample N] [--json OUT]
+
+Exits 1 on missing or undecodable files, on a patient in more than one split, or on an image in
+more than one split; 2 when the manifest itself is malformed. Output is counts only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medclipin.data.manifest import ManifestError
+from medclipin.data.validate import ValidationReport, validate_manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", help="manifest CSV or JSONL")
+    parser.add_argument("--all", action="store_true", help="decode every image (default: a sample)")
+    parser.add_argument("--sample", type=int, default=32, help="images decoded when --all is not given (default 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the decode sample")
+    parser.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON")
+
+
+def print_report(report: ValidationReport, stream=None) -> None:
+    stream = stream or sys.stdout  # looked up at call time so redirection/capture works
+    print(f"manifest: {report.records} records", file=stream)
+    for split in report.records_per_split:
+        print(f"  {split:9s} records {report.records_per_split[split]:7d}  patients "
+              f"{report.patients_per_split[split]:7d}  empty text {report.empty_text_per_split[split]:7d}", file=stream)
+    print(f"  files missing {report.missing_files}; decoded {report.decode_checked}, errors {report.decode_errors}"
+          + (f" {report.decode_error_reasons}" if report.decode_error_reasons else ""), file=stream)
+    print(f"  duplicate images: same path {report.duplicate_paths}, same content {report.duplicate_content}; "
+          f"in more than one split {report.cross_split_images}", file=stream)
+    print(f"  patients in more than one split: {report.leaked_patients}", file=stream)
+    if report.boxes:
+        print(f"  boxes: {report.boxes}", file=stream)
+    for name, table in report.label_prevalence.items():
+        cells = ", ".join(f"{s} {t['positive']}/{t['positive'] + t['negative'] + t['uncertain']}"
+                          + (f" (-1: {t['uncertain']})" if t["uncertain"] else "") for s, t in table.items())
+        print(f"  label {name}: positive/stated {cells}", file=stream)
+    print("OK" if report.ok else "FAILED: " + "; ".join(report.failures), file=stream)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = validate_manifest(args.manifest, check_all=args.all, sample=args.sample, seed=args.seed)
+    except ManifestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_report(report)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``medclipin validate`` on its own (tests, scripts)."""
+    parser = argparse.ArgumentParser(prog="medclipin validate", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

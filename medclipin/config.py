@@ -1,0 +1,348 @@
+"""Typed configuration: dataclasses loaded from YAML, with dotted command-line overrides.
+
+Every value has one home here. ``load_config("configs/x.yaml", ["train.batch_size=128"])`` returns a
+:class:`Config`; an unknown key is an error that names it and suggests the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation strengths (albumentations). Evaluation is always deterministic."""
+
+    enabled: bool = True
+    rotate_limit: float = 7.0  # degrees; chest X-rays are never flipped vertically
+    scale_min: float = 0.8  # random resized crop area range
+    scale_max: float = 1.0
+    translate: float = 0.04
+    brightness_contrast: float = 0.15
+    gamma: tuple[float, float] = (85.0, 115.0)
+    horizontal_flip: float = 0.0  # cxr: 0 (laterality matters); fundus configs set 0.5
+    vertical_flip: float = 0.0
+    color_jitter: float = 0.0  # fundus only
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes a tensor."""
+
+    domain: str = "cxr"  # "cxr" (aspect-preserving resize + pad) or "fundus" (field-of-view crop + pad)
+    size: int = 224
+    channels: int = 1
+    window: str = "first"  # DICOM VOI: "first" window/VOI LUT, "percentile", or "none"
+    mean: float = 0.5
+    std: float = 0.25
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TextConfig:
+    """Which report text is used and how it is tokenised."""
+
+    tokenizer: str = ""  # hub name or local folder; empty = train a WordPiece tokenizer on the train split
+    vocab_size: int = 8000  # for the trained WordPiece tokenizer
+    sections: tuple[str, ...] = ("findings", "impression")
+    max_length: int = 128
+    # which end is cut when a text exceeds max_length: "right" keeps the start (findings first),
+    # "left" keeps the end (the impression, when sections = findings, impression)
+    truncation_side: str = "right"
+    # CLIPin second text view: sentence shuffle and sentence drop
+    view_shuffle: bool = True
+    view_drop_prob: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    """Where records come from."""
+
+    manifest: str = ""
+    cache: str = ""  # decode-once cache folder (medclipin preprocess); empty = decode the originals
+    num_workers: int = 0
+    image: ImageConfig = field(default_factory=ImageConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+# -------------------------------------------------------------------------------------------- model
+@dataclass
+class ImageEncoderConfig:
+    """A timm model. ``name`` is any timm architecture; ``pretrained`` a local folder/file or hub tag."""
+
+    name: str = "vit_tiny_patch16_224"
+    pretrained: str = ""  # "" = random init; path to a folder/safetensors file; or "hub" (online only)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model kwargs (depth, embed_dim, ...)
+    grad_checkpointing: bool = False
+    freeze: bool = False
+
+
+@dataclass
+class TextEncoderConfig:
+    """A Hugging Face BERT-family model: built from ``config`` offline, or loaded from ``pretrained``."""
+
+    pretrained: str = ""  # local from_pretrained folder or hub name; empty = build from `config`
+    config: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
+    })
+    # "mean" or "cls". Mean by default: a randomly initialised BERT gives nearly the same [CLS] vector for
+    # every report, and CLIP trained from there collapses to a constant embedding (loss stuck at ln B).
+    # [CLS] suits pretrained towers (the full-size BioClinicalBERT configs set it).
+    pooling: str = "mean"
+    grad_checkpointing: bool = False
+    freeze: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ContrastiveConfig:
+    """The base objective CLIPin sits on: ``clip`` (InfoNCE) or ``siglip`` (pairwise sigmoid)."""
+
+    kind: str = "clip"
+    embed_dim: int = 512
+    init_temperature: float = 0.07  # clip: logit_scale = ln(1/T); siglip uses init_logit_scale/bias
+    max_logit_scale: float = 4.605170185988092  # ln 100
+    siglip_init_logit_scale: float = 2.302585092994046  # ln 10
+    siglip_init_logit_bias: float = -10.0
+
+
+@dataclass
+class ClipinConfig:
+    """The CLIPin non-contrastive plug-in (method.md). Dimensions default to the ViT-B setting."""
+
+    enabled: bool = False
+    pre_dim: int = 1024
+    nc_dim: int = 8192
+    predictor_hidden: int = 2048
+    momentum: float = 0.95
+    momentum_schedule: str = "fixed"  # "fixed" or "cosine" (m → 1 over training)
+    use_inter: bool = True
+    use_intra: bool = True
+    use_contrastive: bool = True
+    learnable_lambda: bool = True
+    lambda_intra: float = 1.0
+    lambda_clip: float = 1.0
+    lambda_max: float = 20.0
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class XclipConfig:
+    """xCLIP = CLIP + nCLIP (prototype distributions). Defaults are this toolkit's choices (method.md)."""
+
+    enabled: bool = False
+    num_prototypes: int = 4096
+    head_hidden: int = 2048
+    head_dim: int = 256
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+    entropy_weight: float = 1.0
+    nclip_weight: float = 1.0
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    clipin: ClipinConfig = field(default_factory=ClipinConfig)
+    xclip: XclipConfig = field(default_factory=XclipConfig)
+
+
+# -------------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32  # the global contrastive batch, split across processes under DDP
+    steps: int = 1000  # optimiser steps
+    # micro-batches summed per optimiser step: grows the optimisation batch, not the contrastive one
+    # (each micro-batch's loss only sees its own negatives; docs/scaling.md)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    # "auto" (bf16 where the hardware runs it fast: CUDA, or a CPU with AVX512-BF16/AMX; else fp32),
+    # "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler; GPU only)
+    precision: str = "auto"
+    compile: bool = False
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    validate_every: int = 0  # 0 = only at the end
+    max_nonfinite_steps: int = 5
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = ""  # prompt YAML for zero-shot (datasets/**/prompts*.yaml)
+    batch_size: int = 64
+    gradcam_examples: int = 8
+    bootstrap: int = 1000
+
+
+@dataclass
+class Config:
+    """The whole run: data → model → training → evaluation."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, with an error naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if annotation is Any:
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if annotation is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation is float:
+            return float(value)
+        if annotation is str:
+            return "" if value is None else str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key '{key}' expects {annotation.__name__}, got {value!r}") from exc
+    return value
+
+
+def _unknown_key_error(key: str, valid: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in types:
+            raise _unknown_key_error(key, list(types), prefix)
+        kwargs[key] = _coerce(value, types[key], prefix + key)
+    return cls(**kwargs)
+
+
+def config_to_dict(config) -> dict:
+    """A plain, YAML-serialisable dict (tuples become lists)."""
+
+    def convert(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(config)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    values = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        # validate the path against the dataclass tree so typos get a suggestion
+        cls, node, prefix = Config, values, ""
+        for i, part in enumerate(parts):
+            types = _field_types(cls) if cls is not None else None
+            if types is not None and part not in types:
+                raise _unknown_key_error(part, list(types), prefix)
+            last = i == len(parts) - 1
+            if last:
+                node[part] = yaml.safe_load(raw) if raw.strip() != "" else ""
+            else:
+                child = node.get(part)
+                node[part] = dict(child) if isinstance(child, dict) else {}
+                node = node[part]
+                annotation = types[part] if types is not None else None
+                cls = annotation if annotation is not None and dataclasses.is_dataclass(annotation) else None
+            prefix += part + "."
+    return values
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    Example:
+        >>> cfg = load_config("configs/tiny_clipin.yaml", ["train.batch_size=16"])
+    """
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    values = apply_overrides(values, overrides or [])
+    try:
+        return config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    with Path(path).open("w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
