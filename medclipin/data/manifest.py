@@ -1,0 +1,247 @@
+"""Manifest records: one row per image–text pair, the hand-off between dataset preparation and training.
+
+The format is documented in ``datasets/README.md``. A manifest is a CSV (or JSONL with the same keys)
+with the columns ``record_id, patient_id, study_id, image_path, view, split, findings, impression,
+text``, one ``label:<Class Name>`` column per class (``1``, ``0``, ``-1`` for uncertain, empty for
+not stated) and ``boxes`` (JSON list of ``{"label": ..., "box": [x0, y0, x1, y1]}`` in pixels of the
+original image).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+LABEL_PREFIX = "label:"
+SPLITS = ("train", "validate", "test")
+BASE_COLUMNS = (
+    "record_id",
+    "patient_id",
+    "study_id",
+    "image_path",
+    "view",
+    "split",
+    "findings",
+    "impression",
+    "text",
+)
+
+
+class ManifestError(ValueError):
+    """A manifest file is malformed; the message names the file, the row and the field."""
+
+
+@dataclass(frozen=True)
+class Box:
+    """A labelled rectangle in pixel coordinates of the original image (x0, y0, x1, y1)."""
+
+    label: str
+    box: tuple[float, float, float, float]
+
+
+@dataclass
+class Record:
+    """One image–text record of a manifest."""
+
+    record_id: str
+    patient_id: str
+    study_id: str
+    image_path: str
+    split: str
+    view: str = ""
+    findings: str = ""
+    impression: str = ""
+    text: str = ""
+    labels: dict[str, float | None] = field(default_factory=dict)
+    boxes: list[Box] = field(default_factory=list)
+
+    def positive_labels(self) -> list[str]:
+        return [name for name, value in self.labels.items() if value == 1.0]
+
+
+@dataclass
+class Manifest:
+    """The records of one manifest file and its ordered class names."""
+
+    path: Path
+    records: list[Record]
+    label_names: list[str]
+
+    def split(self, name: str) -> list[Record]:
+        return [r for r in self.records if r.split == name]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def _parse_label(value: str | float | int | None, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = value.strip()
+        if text == "" or text.lower() in ("nan", "none", "null"):
+            return None
+        try:
+            number = float(text)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: label value {value!r} is not 1, 0, -1 or empty") from exc
+    if number not in (1.0, 0.0, -1.0):
+        raise ManifestError(f"{where}: label value {value!r} is not 1, 0, -1 or empty")
+    return number
+
+
+def _parse_boxes(value: str | list | None, where: str) -> list[Box]:
+    if value in (None, ""):
+        return []
+    try:
+        items = json.loads(value) if isinstance(value, str) else value
+        return [Box(str(item["label"]), tuple(float(v) for v in item["box"])) for item in items]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(
+            f"{where}: field 'boxes' must be a JSON list of {{\"label\": ..., \"box\": [x0, y0, x1, y1]}}"
+        ) from exc
+
+
+def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, where: str) -> Record:
+    missing = [c for c in ("record_id", "image_path", "split") if not str(row.get(c) or "").strip()]
+    if missing:
+        raise ManifestError(f"{where}: required field(s) {', '.join(missing)} empty or missing")
+    split = str(row["split"]).strip()
+    if split not in SPLITS:
+        raise ManifestError(f"{where}: field 'split' is {split!r}; expected one of {', '.join(SPLITS)}")
+    image_path = str(row["image_path"]).strip()
+    if not os.path.isabs(image_path):
+        image_path = str(base_dir / image_path)
+    labels = {name: _parse_label(row.get(LABEL_PREFIX + name), f"{where}, column '{LABEL_PREFIX}{name}'")
+              for name in label_names}
+    record_id = str(row["record_id"]).strip()
+    return Record(
+        record_id=record_id,
+        patient_id=str(row.get("patient_id") or record_id).strip(),
+        study_id=str(row.get("study_id") or record_id).strip(),
+        image_path=image_path,
+        split=split,
+        view=str(row.get("view") or "").strip(),
+        findings=str(row.get("findings") or ""),
+        impression=str(row.get("impression") or ""),
+        text=str(row.get("text") or ""),
+        labels=labels,
+        boxes=_parse_boxes(row.get("boxes"), where),
+    )
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """Read a CSV or JSONL manifest. Relative image paths resolve against the manifest's folder.
+
+    Raises:
+        ManifestError: a row lacks a required field or has an invalid split/label/boxes value;
+            the message names the file, the row number and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest file not found")
+    base_dir = path.resolve().parent
+    if path.suffix == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ManifestError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+        columns: list[str] = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+        first_row = 1
+    else:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+        first_row = 2  # row 1 is the header
+    if "image_path" not in columns or "split" not in columns:
+        raise ManifestError(f"{path}: manifest needs at least the columns record_id, image_path, split")
+    label_names = [c[len(LABEL_PREFIX):] for c in columns if c.startswith(LABEL_PREFIX)]
+    records = [
+        _record_from_row(row, label_names, base_dir, f"{path}, row {i}")
+        for i, row in enumerate(rows, start=first_row)
+    ]
+    seen: set[str] = set()
+    for i, record in enumerate(records, start=first_row):
+        if record.record_id in seen:
+            raise ManifestError(f"{path}, row {i}: duplicate record_id {record.record_id!r}")
+        seen.add(record.record_id)
+    return Manifest(path=path, records=records, label_names=label_names)
+
+
+def _row_from_record(record: Record, label_names: Sequence[str], base_dir: Path | None) -> dict:
+    image_path = record.image_path
+    if base_dir is not None:
+        try:
+            image_path = os.path.relpath(image_path, base_dir)
+        except ValueError:  # different drive on Windows
+            pass
+    row = {
+        "record_id": record.record_id,
+        "patient_id": record.patient_id,
+        "study_id": record.study_id,
+        "image_path": image_path,
+        "view": record.view,
+        "split": record.split,
+        "findings": record.findings,
+        "impression": record.impression,
+        "text": record.text,
+    }
+    for name in label_names:
+        value = record.labels.get(name)
+        row[LABEL_PREFIX + name] = "" if value is None else str(int(value))
+    row["boxes"] = json.dumps([{"label": b.label, "box": list(b.box)} for b in record.boxes]) if record.boxes else ""
+    return row
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    records: Iterable[Record],
+    label_names: Sequence[str] | None = None,
+    relative_paths: bool = True,
+) -> Path:
+    """Write records as CSV (or JSONL when ``path`` ends in ``.jsonl``), atomically.
+
+    Args:
+        label_names: column order of the labels; defaults to the union of the records' label keys.
+        relative_paths: store image paths relative to the manifest's folder (portable manifests).
+    """
+    path = Path(path)
+    records = list(records)
+    if label_names is None:
+        label_names = []
+        for record in records:
+            label_names.extend(k for k in record.labels if k not in label_names)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base_dir = path.resolve().parent if relative_paths else None
+    rows = [_row_from_record(r, label_names, base_dir) for r in records]
+    columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            if path.suffix == ".jsonl":
+                for row in rows:
+                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                writer = csv.DictWriter(handle, fieldnames=columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
