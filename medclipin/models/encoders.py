@@ -1,0 +1,214 @@
+"""Domain encoders: a timm image tower and a Hugging Face BERT-family text tower.
+
+Both build from configuration alone (no download), load from a local folder, or — for a user who is
+online — from a hub name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from medclipin.config import ImageEncoderConfig, TextEncoderConfig
+
+
+class EncoderLoadError(RuntimeError):
+    """Weights could not be found locally or on the hub; the message says what was tried."""
+
+
+def _freeze(module: nn.Module) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+
+
+class ImageEncoder(nn.Module):
+    """A timm model without its classifier; ``forward`` returns the pooled feature (ViT: CLS after the final norm).
+
+    Args:
+        cfg: ``name`` is any timm architecture; ``kwargs`` override its hyper-parameters
+            (``depth``, ``embed_dim``, ``num_heads``, ...); ``pretrained`` is ``""`` (random init),
+            a local weights file/folder, or ``"hub"`` (download, online only).
+        in_chans: 1 for radiographs (timm adapts the stem natively), 3 for colour.
+        image_size: input resolution (ViT position embeddings are sized for it).
+    """
+
+    def __init__(self, cfg: ImageEncoderConfig, in_chans: int = 1, image_size: int = 224):
+        super().__init__()
+        import timm
+
+        kwargs: dict[str, Any] = {"num_classes": 0, **cfg.kwargs}
+        pretrained = bool(cfg.pretrained)
+        if cfg.pretrained and cfg.pretrained != "hub":
+            path = Path(cfg.pretrained)
+            if path.is_dir():
+                candidates = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin")) or sorted(path.glob("*.pth"))
+                if not candidates:
+                    raise EncoderLoadError(f"image encoder: no weights file (*.safetensors/*.bin/*.pth) in {path}")
+                path = candidates[0]
+            if not path.is_file():
+                raise EncoderLoadError(f"image encoder: pretrained weights not found: {path}")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        # One-channel input natively (timm adapts the stem, summing pretrained RGB filters) where the
+        # architecture takes ``in_chans``; otherwise a 3-channel model is built and the input replicated.
+        self.replicate_channels = 1
+        try:
+            self.model = self._create(timm, cfg, pretrained, {**kwargs, "in_chans": in_chans}, image_size)
+        except TypeError as exc:
+            if "in_chans" not in str(exc) or in_chans == 3:
+                raise
+            self.model = self._create(timm, cfg, pretrained, kwargs, image_size)
+            self.replicate_channels = 3 // in_chans
+        self.in_chans = in_chans
+        self.out_dim = int(self.model.num_features)
+        if cfg.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        if cfg.freeze:
+            _freeze(self.model)
+
+    @staticmethod
+    def _create(timm, cfg: ImageEncoderConfig, pretrained: bool, kwargs: dict[str, Any], image_size: int) -> nn.Module:
+        """``timm.create_model``; ``img_size`` is passed where the architecture takes it (ViT-style), and a
+        failure to get pretrained weights becomes an :class:`EncoderLoadError` naming what was tried."""
+        try:
+            try:
+                return timm.create_model(cfg.name, pretrained=pretrained, **{"img_size": image_size, **kwargs})
+            except TypeError as exc:  # CNNs and others take no img_size
+                if "img_size" not in str(exc):
+                    raise
+                return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+        except TypeError:
+            raise
+        except Exception as exc:  # timm raises several types for offline/unknown weights
+            if pretrained:
+                raise EncoderLoadError(
+                    f"image encoder {cfg.name!r}: could not load pretrained weights ({cfg.pretrained!r}): {exc}. "
+                    "Offline, pass a local weights file or folder; online, use pretrained: hub."
+                ) from exc
+            raise
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.replicate_channels > 1:
+            image = image.repeat(1, self.replicate_channels, 1, 1)
+        return self.model(image)
+
+    def gradcam_layer(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
+        """The layer whose activations Grad-CAM uses and the transform from its output to (B, C, h, w).
+
+        ViT: the patch tokens entering the last block (its ``norm1``; class and register tokens dropped,
+        reshaped to the patch grid). With class-token pooling the last block's patch *outputs* never
+        reach the pooled feature, so their gradient would be zero. CNN: the last stage (already spatial).
+        """
+        model = self.model
+        if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+            prefix = int(getattr(model, "num_prefix_tokens", 1))
+            grid = model.patch_embed.grid_size
+
+            def reshape(tokens: torch.Tensor) -> torch.Tensor:
+                patches = tokens[:, prefix:, :]
+                batch, _, channels = patches.shape
+                return patches.reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+
+            return model.blocks[-1].norm1, reshape
+        if hasattr(model, "stages"):
+            return model.stages[-1], None
+        if hasattr(model, "layer4"):
+            return model.layer4, None
+        raise NotImplementedError(f"no Grad-CAM layer known for {type(model).__name__}")
+
+
+def _model_from_config(config):
+    """A randomly initialised HF encoder with SDPA attention and, where the architecture has one, no pooler
+    (we pool ourselves; an unused pooler would only add parameters without gradients)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(config, add_pooling_layer=False, attn_implementation="sdpa")
+    except TypeError:
+        return AutoModel.from_config(config, attn_implementation="sdpa")
+
+
+def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
+    """``AutoModel.from_pretrained`` from a local folder or (online) a hub name, without a pooler and with
+    SDPA attention where the architecture supports them; a clear :class:`EncoderLoadError` otherwise."""
+    from transformers import AutoModel
+
+    local = Path(os.path.expanduser(name_or_path))
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise EncoderLoadError(
+            f"text encoder: cannot load {name_or_path!r}: the local folder holds no loadable from_pretrained model "
+            "(no config.json)"
+        )
+    attempts = ({"add_pooling_layer": False, "attn_implementation": "sdpa"}, {"attn_implementation": "sdpa"}, {})
+    last: Exception | None = None
+    for extra in attempts:
+        try:
+            return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
+        except (TypeError, ValueError) as exc:  # no add_pooling_layer argument / no SDPA support
+            last = exc
+        except OSError as exc:
+            local = Path(os.path.expanduser(name_or_path)).exists()
+            offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                          for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+            if local:
+                reason = "the local folder holds no loadable from_pretrained model (config.json + weights)"
+            elif offline:
+                reason = ("not a local folder, and running offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) forbids "
+                          "the hub: download it once online, or pass a local from_pretrained folder")
+            else:
+                reason = "not a local folder and not reachable on the hub"
+            raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {reason} ({exc})") from exc
+    raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {last}") from last
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face BERT-family encoder with CLS or mean pooling.
+
+    Built from ``cfg.config`` (a ``BertConfig`` dict; ``vocab_size`` comes from the tokenizer) when
+    ``cfg.pretrained`` is empty, otherwise ``AutoModel.from_pretrained(cfg.pretrained)`` from a local
+    folder or a hub name. ``hf_config`` rebuilds an identical architecture without the weights (used
+    when loading a saved medclipin model).
+    """
+
+    def __init__(self, cfg: TextEncoderConfig, vocab_size: int | None = None, hf_config: dict | None = None):
+        super().__init__()
+        from transformers import AutoConfig, BertConfig
+
+        self.pooling = cfg.pooling
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"model.text_encoder.pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+        if hf_config is not None:
+            self.model = _model_from_config(AutoConfig.for_model(**hf_config))
+        elif cfg.pretrained:
+            self.model = _model_from_pretrained(cfg.pretrained, cfg.trust_remote_code)
+        else:
+            if vocab_size is None:
+                raise ValueError("building a text encoder from config needs the tokenizer's vocab_size")
+            self.model = _model_from_config(BertConfig(vocab_size=vocab_size, **cfg.config))
+        self.out_dim = int(self.model.config.hidden_size)
+        if cfg.grad_checkpointing:
+            # transformers >= 5 renamed it (the old name still works, with a deprecation warning)
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable()
+        if cfg.freeze:
+            _freeze(self.model)
+
+    def hf_config(self) -> dict:
+        return self.model.config.to_dict()
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_hidden: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pooled feature (B, H); with ``return_hidden`` also the hidden states entering the last block
+        (B, L, H), the layer text-side relevance is computed on."""
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=return_hidden)
+        hidden = outputs.last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return (pooled, outputs.hidden_states[-2]) if return_hidden else pooled
