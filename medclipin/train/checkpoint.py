@@ -1,0 +1,155 @@
+"""Checkpoints that survive anything.
+
+A checkpoint is a folder ``RUN/checkpoints/step_00001200/`` holding the model in its
+``save_pretrained`` form (``model.safetensors`` + ``config.json`` + tokenizer) and
+``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, counters). The folder is
+assembled under a temporary name and renamed into place in one ``os.replace``: a kill at any moment
+leaves either the complete new checkpoint or none, and the previous one is intact. Loading uses
+safetensors and ``torch.load(weights_only=True)`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, MedClipModel
+
+log = logging.getLogger(__name__)
+STATE_NAME = "training_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict:
+    """RNG states as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_python_state_from_plain(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _python_state_to_plain(state):
+    version, internal, gauss = state
+    return [version, torch.tensor(internal, dtype=torch.int64), gauss]
+
+
+def _python_state_from_plain(plain):
+    version, internal, gauss = plain
+    return (version, tuple(int(v) for v in internal.tolist()), gauss)
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def save_checkpoint(run_dir, step: int, model: MedClipModel, tokenizer, training_state: dict, keep: int = 3) -> Path:
+    """Write a complete checkpoint atomically, then delete all but the newest ``keep``."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(final.parent)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step:08d}.tmp"))
+    try:
+        model.save_pretrained(staging / "model", tokenizer=tokenizer)
+        torch.save({**training_state, "step": step}, staging / STATE_NAME)
+        _fsync_tree(staging)
+        if final.exists():  # re-saving a step (a run resumed from an older checkpoint): swap, never delete first
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _remove_stale_staging(folder: Path) -> None:
+    # left by a save that was killed; only the main process writes checkpoints, so none is in progress
+    for path in folder.glob(".step_*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # make the rename itself durable (POSIX); not supported on every platform
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    # flush file contents before the rename makes them visible: a power cut must not expose empty files
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temporary folders of interrupted saves are ignored)."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def is_valid_checkpoint(path: Path) -> bool:
+    return all((path / name).is_file() for name in (STATE_NAME, f"model/{WEIGHTS_NAME}", f"model/{CONFIG_NAME}"))
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest checkpoint whose files are all present, or None."""
+    for path in reversed(list_checkpoints(run_dir)):
+        if is_valid_checkpoint(path):
+            return path
+        log.warning("ignoring incomplete checkpoint %s", path)
+    return None
+
+
+def load_training_state(path: Path) -> dict:
+    """The training state (optimizer, scheduler, scaler, RNG, counters); tensors and plain values only."""
+    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint's safetensors weights into an already built model (strict)."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model" / WEIGHTS_NAME), device="cpu")

@@ -1,0 +1,397 @@
+"""The training run: config + manifest in, a run folder with checkpoints, metrics and a model out.
+
+Run folder layout::
+
+    RUN/config.yaml          the resolved configuration
+    RUN/metrics.csv          one row per logged step (step, epoch, loss, lr, grad_norm, samples_per_s, terms, monitors)
+    RUN/validation.jsonl     one line per validation (step, score, R@K, zero-shot AUC), when validation runs
+    RUN/tensorboard/         the same scalars, when the ``tensorboard`` package is installed
+    RUN/tokenizer/           the tokenizer (trained on the train split when none is configured)
+    RUN/checkpoints/step_*/  atomic checkpoints (the newest ``train.keep_checkpoints`` kept)
+    RUN/model/               the final model (save_pretrained form)
+    RUN/best/                the best model by validation score (when validation runs)
+
+This module is the run and its files (set-up, data order, resume, checkpoints, logging, validation);
+one optimiser step — autocast, accumulation, clipping, the non-finite guard — is
+:class:`medclipin.train.step.TrainStep`.
+
+Resuming is exact: the checkpoint holds the weights (EMA target included: it is part of the model's
+state), optimiser, scheduler, scaler, every rank's RNG state and the number of micro-batches consumed.
+The data order is a function of (seed, epoch) and augmentation of (seed, epoch, index), so the resumed
+run rebuilds the epoch's index list, skips the consumed batches and continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from medclipin.config import Config, save_config
+from medclipin.data.dataset import ImageTextDataset, TextImageCollator
+from medclipin.data.manifest import read_manifest
+from medclipin.data.reports import record_text
+from medclipin.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+from medclipin.models.model import MedClipModel
+from medclipin.train import checkpoint as ckpt
+from medclipin.train.distributed import DistInfo, cleanup, init_distributed
+from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
+from medclipin.train.optim import build_optimizer, build_scheduler
+from medclipin.train.step import (  # noqa: F401  (re-exported: the public names of the training engine)
+    NonFiniteLossError,
+    TrainStep,
+    autocast_context,
+    fast_bf16_available,
+    resolve_device,
+    resolve_precision,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path
+    steps: int
+    samples_per_s: float
+    wall_s: float
+    skipped_nonfinite: int = 0
+    skipped_records: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], is_main: bool = True):
+    """The configured tokenizer, or a WordPiece tokenizer trained on the train split's reports."""
+    if cfg.data.text.tokenizer:
+        return load_tokenizer(cfg.data.text.tokenizer)
+    folder = run_dir / "tokenizer"
+    if not (folder / "tokenizer.json").is_file() and is_main:
+        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=folder)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(str(folder))
+
+
+def convert_sync_batchnorm(model: MedClipModel, device: torch.device) -> None:
+    """SyncBatchNorm in the CLIPin heads (non-contrastive projectors, predictors, and their EMA copies).
+
+    With it the heads' BatchNorms normalise over the global batch, as one process would; without it
+    each rank uses its own batch statistics (the usual DDP behaviour). torch's SyncBatchNorm is GPU-only.
+    """
+    if device.type != "cuda":
+        raise ValueError("model.clipin.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is GPU-only); "
+                         "set it to false for CPU runs")
+    for name in ("image_nc", "text_nc", "predictors"):
+        setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
+    for name in ("image_nc", "text_nc"):
+        model.target[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.target[name])
+
+
+def epoch_indices(sampler: DistributedSampler, epoch: int) -> list[int]:
+    """This rank's sample order for ``epoch``: a pure function of (seed, epoch, rank, world size)."""
+    sampler.set_epoch(epoch)
+    return list(iter(sampler))
+
+
+class BatchStream:
+    """Endless micro-batches in a reproducible order, starting after ``consumed`` micro-batches.
+
+    Each epoch's index list comes from the DistributedSampler (``set_epoch``); on resume the epoch is
+    rebuilt and its consumed batches are skipped by slicing the index list (no decoding of skipped items).
+    The DataLoader gets its own generator so creating an iterator never draws from torch's global RNG
+    (which dropout uses and checkpoints restore).
+    """
+
+    def __init__(self, dataset: ImageTextDataset, sampler: DistributedSampler, local_batch: int, collate,
+                 num_workers: int, pin_memory: bool, seed: int, consumed: int = 0):
+        self.dataset, self.sampler, self.local_batch, self.collate = dataset, sampler, local_batch, collate
+        self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
+        self.batches_per_epoch = len(sampler) // local_batch
+        self.consumed = consumed
+        self.epoch = consumed // self.batches_per_epoch
+        self._iterator = self._open(self.epoch, consumed % self.batches_per_epoch)
+
+    def _open(self, epoch: int, skip: int):
+        self.dataset.set_epoch(epoch)
+        indices = epoch_indices(self.sampler, epoch)[skip * self.local_batch:]
+        loader = DataLoader(
+            self.dataset, batch_size=self.local_batch, sampler=indices, collate_fn=self.collate, drop_last=True,
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(self.seed + epoch),
+        )
+        return iter(loader)
+
+    def __call__(self) -> dict:
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.epoch += 1
+            self._iterator = self._open(self.epoch, 0)
+            batch = next(self._iterator)
+        self.consumed += 1
+        return batch
+
+
+def _gather_rng_states(dist_info: DistInfo) -> list[dict]:
+    state = ckpt.rng_state()
+    if not dist_info.enabled:
+        return [state]
+    states: list = [None] * dist_info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _restore_rng(saved: dict, dist_info: DistInfo, seed: int, step: int) -> None:
+    states = saved.get("rng_per_rank") or [saved["rng"]]
+    if len(states) == dist_info.world_size:
+        ckpt.set_rng_state(states[dist_info.rank])
+        return
+    # resumed on a different number of processes: rank 0's state, and a fresh per-rank stream elsewhere
+    ckpt.set_rng_state(states[0])
+    if dist_info.rank:
+        torch.manual_seed(seed + dist_info.rank + 7919 * step)
+    log.warning("checkpoint was written by %d processes, resuming on %d: per-rank RNG streams differ from "
+                "an uninterrupted run", len(states), dist_info.world_size)
+
+
+def _resolve_start(run_dir: Path, resume: str) -> Path | None:
+    if resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    if resume:
+        path = Path(resume)
+        if not ckpt.is_valid_checkpoint(path):
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (expected {ckpt.STATE_NAME} and model/)")
+        return path
+    if ckpt.list_checkpoints(run_dir):
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of a run: pass --resume auto (resume='auto') to continue it, "
+            "or choose a new run folder"
+        )
+    return None
+
+
+def pretrain(
+    cfg: Config,
+    run_dir: str | os.PathLike,
+    resume: str = "",
+    progress: bool = True,
+    validate_fn=None,
+) -> TrainResult:
+    """Train a model as configured and write the run folder.
+
+    Launch one process on a CPU or one GPU; under ``torchrun`` or ``srun`` every process calls this and
+    the ranks share ``train.batch_size`` (the global, contrastive batch).
+
+    Args:
+        cfg: the whole configuration (data.manifest must point at a manifest with a train split).
+        run_dir: output folder (created). A fresh run refuses a folder that already holds checkpoints.
+        resume: ``""`` (fresh), ``"auto"`` (newest valid checkpoint in run_dir; fresh when none) or a
+            checkpoint folder.
+        progress: show a progress bar (terminal) or log lines (otherwise).
+        validate_fn: ``fn(model, tokenizer, step) -> dict`` with a ``"score"`` key (higher is better),
+            called every ``train.validate_every`` steps and at the end on the main process; the best
+            model is kept in ``RUN/best``. See :func:`medclipin.train.validation.build_validate_fn`.
+
+    Raises:
+        NonFiniteLossError: ``train.max_nonfinite_steps`` consecutive non-finite steps (no checkpoint
+            is written after the last good one).
+    """
+    run_dir = Path(run_dir)
+    tcfg = cfg.train
+    if tcfg.grad_accum < 1 or tcfg.steps < 1 or tcfg.log_every < 1 or tcfg.checkpoint_every < 1:
+        raise ValueError("train.grad_accum, train.steps, train.log_every and train.checkpoint_every must be >= 1")
+    device = resolve_device(tcfg.device)
+    owns_group = not dist.is_initialized()
+    dist_info: DistInfo = init_distributed(device.type)
+    try:
+        return _run(cfg, run_dir, resume, progress, validate_fn, device, dist_info)
+    finally:
+        if owns_group:
+            cleanup()
+
+
+def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, device: torch.device,
+         dist_info: DistInfo) -> TrainResult:
+    tcfg = cfg.train
+    precision = resolve_precision(tcfg.precision, device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.cuda_index())
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    start_path = _resolve_start(run_dir, resume)
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    manifest = read_manifest(cfg.data.manifest)
+    train_records = manifest.split("train")
+    if not train_records:
+        raise ValueError(f"{cfg.data.manifest}: no records in the train split")
+    tokenizer = prepare_tokenizer(
+        cfg, run_dir, [record_text(r, cfg.data.text.sections) for r in train_records], dist_info.is_main
+    )
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=len(tokenizer))
+    if cfg.model.clipin.enabled and cfg.model.clipin.sync_batchnorm and dist_info.enabled:
+        convert_sync_batchnorm(model, device)
+    model.to(device)
+    torch.manual_seed(tcfg.seed + dist_info.rank)  # per-rank dropout streams
+
+    dataset = ImageTextDataset(
+        train_records, cfg.data.image, cfg.data.text, train=True, two_views=model.needs_two_views,
+        cache_dir=cfg.data.cache, seed=tcfg.seed,
+    )
+    global_batch = tcfg.batch_size
+    if global_batch % dist_info.world_size:
+        raise ValueError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
+    local_batch = global_batch // dist_info.world_size
+    if len(dataset) < global_batch:
+        raise ValueError(f"train split has {len(dataset)} usable records, fewer than train.batch_size={global_batch}")
+    sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
+                                 seed=tcfg.seed, drop_last=True)
+    collate = TextImageCollator(tokenizer, cfg.data.text.max_length, cfg.data.text.truncation_side)
+
+    optimizer = build_optimizer(model, tcfg, device)
+    scheduler = build_scheduler(optimizer, tcfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, consumed, nonfinite_total, best = 0, 0, 0, {}
+    if start_path is not None:
+        ckpt.load_model_weights(model, start_path)
+        state = ckpt.load_training_state(start_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, consumed = int(state["step"]), int(state["micro_step"])
+        nonfinite_total, best = int(state.get("nonfinite_total", 0)), dict(state.get("best", {}))
+        _restore_rng(state, dist_info, tcfg.seed, step)
+        if dist_info.is_main:
+            log.info("resumed from %s at step %d", start_path.name, step)
+    elif resume == "auto" and dist_info.is_main:
+        log.info("no complete checkpoint in %s: starting from step 0", run_dir)
+
+    train_module: torch.nn.Module = model
+    if dist_info.enabled:
+        c = cfg.model.clipin
+        unused = c.enabled and not (c.use_inter and c.use_intra and c.use_contrastive)
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+        )
+    if tcfg.compile:
+        train_module = torch.compile(train_module)
+    train_step = TrainStep(model, train_module, optimizer, scheduler, scaler, tcfg, precision, device, dist_info,
+                           ddp=dist_info.enabled)
+    train_step.nonfinite_total = nonfinite_total
+    batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
+                          pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed)
+
+    metrics = MetricsLog(run_dir / "metrics.csv")
+    if dist_info.is_main:
+        if step == 0:  # left by a run killed before its first checkpoint: everything is redone
+            for stale in ("metrics.csv", "validation.jsonl"):
+                (run_dir / stale).unlink(missing_ok=True)
+        metrics.truncate_after(step)  # rows of steps after the checkpoint are redone
+        _truncate_jsonl(run_dir / "validation.jsonl", step)
+    tensorboard = TensorBoardLog(run_dir / "tensorboard", enabled=dist_info.is_main)
+    total = tcfg.steps
+    bar = Progress(total, step, progress and dist_info.is_main)
+    samples_done, interval_samples = 0, 0
+    interval_start = wall_start = time.perf_counter()
+    model.train()
+    try:
+        while step < total:
+            outcome = train_step(batches, step)
+            samples_done += outcome.samples
+            interval_samples += outcome.samples
+            if not outcome.applied:
+                continue
+            step += 1
+            if step % tcfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                rate = interval_samples / max(now - interval_start, 1e-9)
+                interval_start, interval_samples = now, 0
+                row = {"step": step, "epoch": batches.epoch, "loss": float(outcome.loss),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(outcome.grad_norm),
+                       "samples_per_s": rate, "skipped_nonfinite": train_step.nonfinite_total}
+                row.update({k: float(v) for k, v in outcome.terms.items()})
+                row.update({k: float(v) for k, v in outcome.stats.items()})
+                if dist_info.is_main:
+                    metrics.write(row)
+                    tensorboard.write(row, step)
+                    bar.update(step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                                      "samples/s": f"{rate:.1f}"})
+            if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
+                best = _validate(model, tokenizer, step, validate_fn, best, run_dir, dist_info, tensorboard)
+            if step % tcfg.checkpoint_every == 0 or step == total:
+                state = {
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "micro_step": batches.consumed,
+                    "nonfinite_total": train_step.nonfinite_total, "best": best,
+                }
+                rng_states = _gather_rng_states(dist_info)
+                if dist_info.is_main:
+                    ckpt.save_checkpoint(run_dir, step, model, tokenizer,
+                                         {**state, "rng": rng_states[0], "rng_per_rank": rng_states},
+                                         keep=tcfg.keep_checkpoints)
+        wall = time.perf_counter() - wall_start
+        model_dir = run_dir / "model"
+        if dist_info.is_main:
+            model.save_pretrained(model_dir, tokenizer=tokenizer)
+        if dist_info.enabled:
+            dist.barrier()
+    finally:
+        bar.close()
+        tensorboard.close()
+    return TrainResult(
+        run_dir=run_dir, model_dir=model_dir, steps=step, samples_per_s=samples_done / max(wall, 1e-9),
+        wall_s=wall, skipped_nonfinite=train_step.nonfinite_total, skipped_records=dict(dataset.skipped), best=best,
+    )
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a line torn by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _validate(model: MedClipModel, tokenizer, step: int, validate_fn, best: dict, run_dir: Path,
+              dist_info: DistInfo, tensorboard: TensorBoardLog) -> dict:
+    """Run ``validate_fn`` on the main process; keep the best model in RUN/best. Returns the best record."""
+    if dist_info.is_main:
+        model.eval()
+        try:
+            with torch.no_grad():
+                result = {k: float(v) for k, v in validate_fn(model, tokenizer, step).items()}
+        finally:
+            model.train()
+        with (run_dir / "validation.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": step, **result}) + "\n")
+        tensorboard.write({f"validate/{k}": v for k, v in result.items()}, step)
+        log.info("validation at step %d: score %.4f", step, result["score"])
+        if not best or result["score"] > best["score"]:
+            best = {"step": step, **result}
+            model.save_pretrained(run_dir / "best", tokenizer=tokenizer)
+    if dist_info.enabled:
+        # every rank carries the same `best` into its checkpoint state; also waits for rank 0's validation
+        shared = [best]
+        dist.broadcast_object_list(shared, src=0)
+        best = shared[0]
+    return best

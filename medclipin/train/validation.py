@@ -1,0 +1,58 @@
+"""Periodic validation during pretraining: retrieval R@K and zero-shot AUC on the validate split.
+
+:func:`build_validate_fn` returns the ``validate_fn(model, tokenizer, step) -> dict`` that
+:func:`medclipin.train.trainer.pretrain` calls every ``train.validate_every`` steps (and at the end) on
+the main process; the trainer keeps the best-scoring model in ``RUN/best``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+from medclipin.config import Config
+from medclipin.data.manifest import Record
+
+log = logging.getLogger(__name__)
+
+
+def validation_score(metrics: dict) -> float:
+    """Mean zero-shot AUC when it is defined, else the mean of image→text and text→image R@10."""
+    auc = (metrics.get("zeroshot") or {}).get("mean_auc")
+    if auc is not None:
+        return float(auc)
+    retrieval = metrics["retrieval"]
+    return 0.5 * (retrieval["image_to_text"]["R@10"] + retrieval["text_to_image"]["R@10"])
+
+
+def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None:
+    """A validation callback over ``records`` (the validate split), or None when there are none.
+
+    Zero-shot runs when ``cfg.eval.prompts`` is set; retrieval always. Returns a flat dict of numbers:
+    ``score``, ``retrieval_i2t_R@K``, ``retrieval_t2i_R@K``, ``zeroshot_mean_auc`` (when available).
+    """
+    records = list(records)
+    if not records:
+        return None
+    from medclipin.eval.embeddings import EmbeddingStore
+    from medclipin.eval.evaluate import retrieval, zero_shot
+    from medclipin.eval.zeroshot import load_prompts
+
+    prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else None
+
+    def validate(model, tokenizer, step: int) -> dict:
+        # a fresh store per call: embeddings are cached by weight fingerprint, which changes every step
+        store = EmbeddingStore(model, tokenizer, image_cache=cfg.data.cache, batch_size=cfg.eval.batch_size)
+        metrics: dict = {"retrieval": retrieval(store, records)}
+        if prompts is not None:
+            metrics["zeroshot"] = zero_shot(store, records, prompts, bootstrap=0)
+        result = {"score": validation_score(metrics)}
+        for direction, short in (("image_to_text", "i2t"), ("text_to_image", "t2i")):
+            for key, value in metrics["retrieval"][direction].items():
+                if key.startswith("R@"):
+                    result[f"retrieval_{short}_{key}"] = float(value)
+        if prompts is not None and metrics["zeroshot"].get("mean_auc") is not None:
+            result["zeroshot_mean_auc"] = float(metrics["zeroshot"]["mean_auc"])
+        return result
+
+    return validate
