@@ -1,0 +1,188 @@
+"""Evaluate one model on one manifest split: zero-shot, retrieval, linear probe and Grad-CAM localisation.
+
+Every metric reads embeddings through one :class:`EmbeddingStore`, so the images are encoded once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medclipin.data.cache import open_image_source
+from medclipin.data.manifest import Record
+from medclipin.data.reports import record_text
+from medclipin.data.transforms import build_image_transform
+from medclipin.eval.embeddings import EmbeddingStore
+from medclipin.eval.gradcam import (
+    TextRelevance,
+    box_to_input,
+    cam_box_iou,
+    cam_to_original,
+    display_image,
+    image_cam,
+    pointing_game_hit,
+    save_gradcam_figure,
+    text_relevance,
+)
+from medclipin.eval.metrics import classification_metrics, labels_matrix
+from medclipin.eval.probe import linear_probe
+from medclipin.eval.retrieval import retrieval_metrics
+from medclipin.eval.zeroshot import PromptSet, class_embeddings, zero_shot_scores
+
+log = logging.getLogger(__name__)
+
+
+def check_prompt_classes(records: list[Record], prompts: PromptSet) -> None:
+    """Every prompt class must be a ``label:<class>`` column of the manifest (a typo would silently score nothing)."""
+    known = set().union(*(r.labels.keys() for r in records)) if records else set()
+    missing = [c for c in prompts.class_names if c not in known]
+    if missing:
+        raise KeyError(f"prompt classes {missing} have no label:<class> column in the manifest "
+                       f"(manifest classes: {sorted(known)})")
+
+
+def zero_shot(store: EmbeddingStore, records: list[Record], prompts: PromptSet, bootstrap: int = 1000,
+              seed: int = 0) -> dict:
+    """Zero-shot metrics of ``records`` against ``prompts`` (classes missing from the manifest are an error).
+
+    Returns the metrics of :func:`~medclipin.eval.metrics.classification_metrics` plus ``scores`` and
+    ``labels`` arrays (N, C) for plots (not JSON: pop them before writing).
+    """
+    if not records:
+        raise ValueError("no records to evaluate")
+    check_prompt_classes(records, prompts)
+    positive, negative = class_embeddings(store, prompts)
+    logit_scale = float(store.model.contrastive.logit_scale.detach().exp())
+    scores = zero_shot_scores(store.images(records), positive, negative, logit_scale).numpy()
+    labels = labels_matrix(records, prompts.class_names)
+    result = classification_metrics(scores, labels, prompts.class_names, prompts.mode, bootstrap=bootstrap, seed=seed)
+    result["logit_scale"] = logit_scale
+    result["scores"] = scores
+    result["labels"] = labels
+    return result
+
+
+def retrieval(store: EmbeddingStore, records: list[Record], chunk_size: int = 512) -> dict:
+    """Image↔text R@1/5/10, mean and median rank; each record's report text is its image's match."""
+    texts = [record_text(r, store.model.text_cfg.sections) for r in records]
+    return retrieval_metrics(store.images(records), store.texts(texts), texts, chunk_size=chunk_size)
+
+
+def probe(store: EmbeddingStore, train_records: list[Record], test_records: list[Record], class_names: list[str],
+          fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), features: str = "encoder") -> dict:
+    """Linear probe on frozen image features of the store (see :mod:`medclipin.eval.probe`)."""
+    return linear_probe(
+        store.images(train_records, features=features).numpy(), labels_matrix(train_records, class_names),
+        store.images(test_records, features=features).numpy(), labels_matrix(test_records, class_names),
+        class_names, fractions=fractions, seeds=seeds,
+    )
+
+
+def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: PromptSet, out_dir: Path | None,
+                         figures: int = 8, tolerance: float = 0.0, iou_threshold: float = 0.5,
+                         limit: int | None = None) -> dict:
+    """Pointing game and IoU over every (positive image, finding with a box) pair in ``records``.
+
+    The text is the class's first positive prompt (first template); its box is mapped to model-input
+    pixels, where the CAM lives. Figures (original image, overlay, report words shaded by relevance)
+    and their raw arrays (.npz) for the first ``figures`` pairs go to ``out_dir``.
+
+    Args:
+        limit: stop after this many pairs (None = all).
+    """
+    model, tokenizer = store.model, store.tokenizer
+    image_cfg = model.image_cfg
+    source = open_image_source(image_cfg, store.image_cache)
+    transform = build_image_transform(image_cfg, train=False)
+    device = next(model.parameters()).device
+    text_cache: dict[str, torch.Tensor] = {}
+    class_index = {name: i for i, name in enumerate(prompts.class_names)}
+    pairs = [(r, b) for r in records for b in r.boxes if b.label in class_index and r.labels.get(b.label) == 1.0]
+    if limit is not None:
+        pairs = pairs[:limit]
+    hits, ious, per_class, per_pair = [], [], {}, []
+    written: list[str] = []
+    for start in range(0, len(pairs), 16):
+        chunk = pairs[start:start + 16]
+        loaded = [source.load_with_geometry(r.image_path) for r, _ in chunk]
+        images = torch.stack([transform(pixels) for pixels, _ in loaded]).to(device)
+        prompts_used = [prompts.first_prompt(b.label) for _, b in chunk]
+        for prompt in prompts_used:
+            if prompt not in text_cache:
+                text_cache[prompt] = store.texts([prompt])[0]
+        text_emb = torch.stack([text_cache[p] for p in prompts_used]).to(device)
+        cams = image_cam(model, images, text_emb)
+        for (record, box), cam, (pixels, geometry), shown, prompt in zip(chunk, cams, loaded, images, prompts_used):
+            mapped = box_to_input(box.box, geometry, pixels.shape[0], image_cfg.size)
+            hit = pointing_game_hit(cam, mapped, tolerance)
+            iou = cam_box_iou(cam, mapped, iou_threshold)
+            hits.append(hit)
+            ious.append(iou)
+            per_class.setdefault(box.label, []).append(hit)
+            entry = {"record_id": record.record_id, "finding": box.label, "prompt": prompt, "hit": bool(hit),
+                     "iou": iou, "box_input": [round(float(v), 2) for v in mapped]}
+            if out_dir is not None and len(written) < figures:
+                relevance = text_relevance(model, tokenizer, shown, record_text(record, model.text_cfg.sections))
+                name = f"gradcam_{len(written):02d}_{box.label.replace(' ', '_').lower()}.png"
+                entry["figure"] = _pair_figure(Path(out_dir) / name, record, box, cam, mapped, pixels.shape[0],
+                                               geometry, shown, image_cfg, relevance, prompt, hit)
+                written.append(entry["figure"])
+            per_pair.append(entry)
+    return {
+        "pointing_game": float(np.mean(hits)) if hits else None,
+        "iou": float(np.mean(ious)) if ious else None,
+        "iou_threshold": iou_threshold,
+        "tolerance_px": tolerance,
+        "pairs": len(hits),
+        "per_class_pointing_game": {k: float(np.mean(v)) for k, v in per_class.items()},
+        "per_pair": per_pair,
+        "figures": written,
+    }
+
+
+def _pair_figure(path: Path, record: Record, box, cam: np.ndarray, mapped, source_side: int, geometry,
+                 shown: torch.Tensor, image_cfg, relevance: TextRelevance, prompt: str, hit: bool) -> str:
+    """Figure on the original image when it can be read (else on the model input), plus the raw arrays."""
+    from medclipin.data.readers import ImageReadError, read_image
+
+    title = f"text: \"{prompt}\" (green box: annotated {box.label.lower()}; pointing game {'hit' if hit else 'miss'})"
+    try:
+        original = read_image(record.image_path, window=image_cfg.window).pixels
+        cam_shown = cam_to_original(cam, geometry, source_side, original.shape[:2])
+        image, box_shown, image_title = original, box.box, "original image"
+    except (ImageReadError, OSError):  # e.g. only the decode-once cache is available
+        image, cam_shown, box_shown, image_title = display_image(shown, image_cfg), cam, mapped, "model input"
+    save_gradcam_figure(path, image, cam_shown, relevance, title=title, box=box_shown, image_title=image_title,
+                        text_title="report, words shaded by relevance to this image")
+    np.savez_compressed(path.with_suffix(".npz"), cam=cam, cam_shown=cam_shown, box_input=np.array(mapped),
+                        words=np.array(relevance.words, dtype=str), word_scores=relevance.scores,
+                        word_signed=relevance.signed)
+    return str(path)
+
+
+def _display(tensor: torch.Tensor, image_cfg) -> np.ndarray:
+    """Kept for callers of the first version: see :func:`medclipin.eval.gradcam.display_image`."""
+    return display_image(tensor, image_cfg)
+
+
+def evaluate(store: EmbeddingStore, records: list[Record], prompts: PromptSet | None, out_dir: Path | None = None,
+             gradcam_figures: int = 8, bootstrap: int = 1000) -> dict:
+    """All metrics for one split, as the demo and ``metrics.json`` report them.
+
+    Keys: ``n_records``, ``retrieval`` (``image_to_text``/``text_to_image`` R@1/5/10, ranks),
+    and with prompts ``zeroshot`` (``mean_auc``, ``per_class_auc``, per-class CIs) and, where records
+    have boxes, ``gradcam`` (``pointing_game``, ``iou``).
+    """
+    result: dict = {"n_records": len(records), "retrieval": retrieval(store, records)}
+    if prompts is not None:
+        zs = zero_shot(store, records, prompts, bootstrap=bootstrap)
+        zs.pop("scores"), zs.pop("labels")
+        result["zeroshot"] = zs
+        if any(r.boxes for r in records):
+            gc = gradcam_localisation(store, records, prompts, out_dir, figures=gradcam_figures)
+            gc.pop("per_pair")
+            result["gradcam"] = gc
+    return result

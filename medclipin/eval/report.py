@@ -1,0 +1,237 @@
+"""Writers for evaluation results: JSON (no NaN, ever), Markdown reports that state exactly what ran,
+and PNG figures (ROC curves). Nothing here prints report text or patient identifiers."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+# ------------------------------------------------------------------------------------------- JSON
+def json_safe(value: Any) -> Any:
+    """Plain JSON types: numpy scalars/arrays → Python, NaN/inf → None, paths → str, sets → sorted lists."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return [json_safe(v) for v in sorted(value)]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write ``payload`` as strict JSON (``allow_nan=False``: a NaN that slipped through is a bug), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ format
+def _num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(interval: dict | None) -> str:
+    if not interval or interval.get("low") is None:
+        return "n/a"
+    return f"{interval['low']:.3f}–{interval['high']:.3f} ({interval['valid_resamples']})"
+
+
+def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _run_lines(run: dict) -> list[str]:
+    lines = ["## What ran", ""]
+    for key, label in (("checkpoint", "checkpoint"), ("model_fingerprint", "model fingerprint"),
+                       ("manifest", "manifest"), ("manifest_sha256", "manifest sha256"), ("split", "split"),
+                       ("n_records", "records evaluated"), ("embedding_cache", "embedding cache"),
+                       ("medclipin_version", "medclipin version"), ("date", "date (UTC)")):
+        if run.get(key) not in (None, ""):
+            value = run[key]
+            lines.append(f"- {label}: `{value}`" if key in ("checkpoint", "manifest", "embedding_cache",
+                                                               "manifest_sha256", "model_fingerprint") else f"- {label}: {value}")
+    if run.get("arguments"):
+        args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in run["arguments"].items()
+                        if v not in (None, "", False))
+        lines.append(f"- arguments: `{args}`")
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------- zero-shot
+def zeroshot_markdown(result: dict, run: dict, prompts: dict, roc_png: str | None = None) -> str:
+    """The zero-shot report: prompts file + sha256, split, counts, per-class table with CIs, threshold rule."""
+    lines = ["# Zero-shot classification", ""]
+    lines += _run_lines(run)
+    lines += ["## Prompts", "",
+              f"- file: `{prompts.get('path') or '(built in code)'}`",
+              f"- sha256: `{prompts.get('sha256') or 'n/a'}`",
+              f"- name: {prompts.get('name')}; mode: **{prompts.get('mode')}**",
+              f"- templates ({len(prompts.get('templates', []))}): "
+              + ", ".join(f"`{t}`" for t in prompts.get("templates", [])),
+              "- each class embedding is the normalised mean of the normalised embeddings of every "
+              "template × description (prompt ensemble)", ""]
+    if prompts.get("mode") == "multilabel":
+        lines.append("- score per class: softmax over its (positive, negative) ensemble pair, scaled by the "
+                     "model's learned temperature; the score is the positive probability")
+    else:
+        lines.append("- score: softmax over the classes' positive ensembles, scaled by the model's learned temperature")
+    lines += ["", "## Threshold rule (accuracy, F1)", "", f"{result.get('threshold_rule', '')}.", ""]
+    bootstrap = result.get("bootstrap")
+    lines += ["## Results", ""]
+    lines.append(f"Macro AUC: **{_num(result.get('mean_auc'))}** (95% CI {_ci(result.get('mean_auc_ci'))}) over "
+                 f"{result.get('macro_auc_classes', 0)} classes; macro F1 {_num(result.get('macro_f1'))}; "
+                 f"macro accuracy {_num(result.get('macro_accuracy'))}.")
+    if result.get("accuracy") is not None:
+        lines.append(f"Multi-class accuracy (argmax, {result.get('accuracy_rows')} rows with exactly one positive): "
+                     f"{_num(result['accuracy'])}.")
+    if bootstrap:
+        lines.append(f"Confidence intervals: {bootstrap['resamples']} bootstrap resamples of the rows (seed "
+                     f"{bootstrap['seed']}), percentile interval; the number in brackets is the count of resamples "
+                     "in which the AUC was defined.")
+    else:
+        lines.append("No bootstrap was run (`--bootstrap 0`).")
+    lines.append("")
+    rows = []
+    for name, e in result["per_class"].items():
+        rows.append([name, e["n"], e["positives"], _num(e["auc"]), _ci(e.get("auc_ci")), _num(e["accuracy"]),
+                     _num(e["f1"]), e.get("note", "")])
+    lines += _table(["class", "n", "positives", "AUC", "AUC 95% CI (valid resamples)", "accuracy", "F1", "note"], rows)
+    if result.get("note"):
+        lines += ["", f"Note: {result['note']}."]
+    if roc_png:
+        lines += ["", f"![ROC curves]({roc_png})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_roc(scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str], path: str | os.PathLike,
+             aucs: dict | None = None, title: str = "Zero-shot ROC curves") -> Path:
+    """One panel: a ROC curve per class whose AUC is defined, the chance diagonal, AUCs in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = 1 if len(class_names) <= 8 else 2
+    fig, ax = plt.subplots(figsize=(6.4 if columns == 1 else 9.0, 6.0), dpi=110)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance (AUC 0.5)")
+    colours = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+    n_colours = 10 if len(class_names) <= 10 else 20
+    skipped = []
+    for c, name in enumerate(class_names):
+        known = ~np.isnan(labels[:, c])
+        y = labels[known, c].astype(int)
+        if len(y) == 0 or y.min() == y.max():
+            skipped.append(name)
+            continue
+        fpr, tpr, _ = roc_curve(y, scores[known, c])
+        auc = (aucs or {}).get(name)
+        label = f"{name}: AUC {auc:.3f} ({int(y.sum())} pos / {len(y)})" if auc is not None else name
+        ax.plot(fpr, tpr, color=colours(c % n_colours), linewidth=1.8, alpha=0.85, label=label, drawstyle="default")
+    # a little margin so curves running along the borders stay visible
+    ax.set_xlim(-0.015, 1.015)
+    ax.set_ylim(-0.015, 1.015)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (1 − specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if skipped:  # a legend line without a curve, so it never covers one
+        ax.plot([], [], " ", label="no curve, labels constant: " + ", ".join(skipped))
+    fig.tight_layout()  # before the legend: the layout must not shrink the axes to make room for it
+    # below the axes: a legend inside would cover the curves' lower-right corner
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8, ncol=columns, frameon=False)
+    fig.savefig(path, bbox_inches="tight")  # grows the canvas to hold the legend below the axes
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------- retrieval
+def retrieval_markdown(result: dict, run: dict) -> str:
+    lines = ["# Image–text retrieval", ""] + _run_lines(run)
+    lines += ["## Ground truth", "",
+              "Each image's own report is its match; reports identical after whitespace/case normalisation "
+              "count as matches too (medical reports repeat). Rank = 1 + the number of candidates scored strictly "
+              f"higher than the best correct one. {result['n']} pairs, {result['unique_texts']} distinct reports.", "",
+              "## Results", ""]
+    rows = []
+    for direction, label in (("image_to_text", "image → text"), ("text_to_image", "text → image")):
+        d = result[direction]
+        rows.append([label, _num(d["R@1"]), _num(d["R@5"]), _num(d["R@10"]), _num(d["mean_rank"], 1),
+                     _num(d["median_rank"], 1)])
+    chance = result["chance"]
+    rows.append(["chance (random ranking)", _num(chance["R@1"]), _num(chance["R@5"]), _num(chance["R@10"]), "", ""])
+    lines += _table(["direction", "R@1", "R@5", "R@10", "mean rank", "median rank"], rows)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- probe
+def probe_markdown(result: dict, run: dict) -> str:
+    lines = ["# Linear probe on frozen image features", ""] + _run_lines(run)
+    lines += ["## Protocol", "",
+              f"- features: {run.get('features', 'encoder')} (frozen, from the embedding store)",
+              f"- classifier: {result['settings']['model']}, C={result['settings']['C']}",
+              f"- training split: {result['n_train_total']} records; test split: {result['n_test']} records",
+              f"- seeds: {', '.join(str(s) for s in result['seeds'])}; subsets drawn per (fraction, seed), "
+              "stratified by label vector, at least one positive and one negative per class where possible",
+              "- AUC on the test split; mean ± std (population) over seeds; a class with a single label value "
+              "in its training subset or in the test set has no AUC for that seed", "", "## Results", ""]
+    names = result["class_names"]
+    rows = []
+    for key, entry in result["fractions"].items():
+        cells = [f"{float(entry['fraction']) * 100:g}%", "/".join(str(n) for n in entry["n_train"]),
+                 _pm(entry["macro_auc"])]
+        cells += [_pm(entry["per_class"][n]) for n in names]
+        rows.append(cells)
+    lines += _table(["labels", "n train (per seed)", "macro AUC"] + list(names), rows)
+    return "\n".join(lines) + "\n"
+
+
+def _pm(entry: dict) -> str:
+    if entry.get("mean") is None:
+        return "n/a"
+    extra = "" if entry["n_valid"] == len(entry["values"]) else f" [{entry['n_valid']}/{len(entry['values'])} seeds]"
+    return f"{entry['mean']:.3f} ± {entry['std']:.3f}{extra}"
+
+
+# ----------------------------------------------------------------------------------------- gradcam
+def gradcam_markdown(summary: dict, run: dict) -> str:
+    lines = ["# Multimodal Grad-CAM", ""] + _run_lines(run)
+    lines += ["## What the colours mean", "",
+              "Warm colours mark where a change of the image would most raise the similarity between the image "
+              "and the text, for this model. They are relative within one image, not a diagnosis and not a "
+              "segmentation; they depend on what the model learned.", "", "## Localisation", ""]
+    loc = summary.get("localisation") or {}
+    if loc.get("pairs"):
+        lines.append(f"- pairs (image, finding with a box): {loc['pairs']}")
+        lines.append(f"- pointing game (CAM maximum inside the box): {_num(loc.get('pointing_game'))}")
+        lines.append(f"- mean IoU of {{CAM ≥ {loc.get('iou_threshold')}·max}} with the box: {_num(loc.get('iou'))}")
+        for name, value in (loc.get("per_class_pointing_game") or {}).items():
+            lines.append(f"  - {name}: pointing game {_num(value)}")
+    else:
+        lines.append("No boxes: no localisation metrics.")
+    figures = summary.get("figures") or []
+    if figures:
+        lines += ["", "## Figures", ""] + [f"- `{Path(f).name}`" for f in figures]
+    return "\n".join(lines) + "\n"

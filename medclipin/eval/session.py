@@ -1,0 +1,109 @@
+"""What the evaluation commands share: common arguments, loading a checkpoint into an
+:class:`EmbeddingStore` with its on-disk cache, selecting records, and the "what ran" block of reports.
+
+Embedding cache default (``--embedding-cache``): ``<model folder>/../embeddings`` — for a run folder
+``RUN/model`` that is ``RUN/embeddings``, shared by every command evaluating that checkpoint whatever
+its ``--out`` — when that folder can be created and written; otherwise ``<--out>/embeddings``.
+``--embedding-cache none`` disables the disk cache. Entries are keyed by the model's weights and
+configuration fingerprint and by the inputs (image path, size and mtime; exact text), so a retrained
+model or a changed image never reads a stale entry.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from medclipin.data.manifest import Manifest, Record, read_manifest
+
+
+def add_model_arguments(parser, manifest_required: bool = True) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="model folder (model.safetensors + config.json), a run folder (uses RUN/model) "
+                             "or a checkpoint folder")
+    parser.add_argument("--manifest", required=manifest_required, default=None, help="manifest CSV/JSONL")
+    parser.add_argument("--embedding-cache", default="",
+                        help="folder for cached embeddings (default: <checkpoint model folder>/../embeddings if "
+                             "writable, else OUT/embeddings; 'none' = do not cache on disk)")
+    parser.add_argument("--image-cache", default="", help="decode-once image cache from `medclipin preprocess`")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
+    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; evaluation runs in fp32)")
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def default_embedding_cache(model_dir: Path, out_dir: str | os.PathLike | None) -> Path | None:
+    """``<model_dir>/../embeddings`` when writable, else ``<out>/embeddings`` (None without an --out)."""
+    beside = model_dir.resolve().parent / "embeddings"
+    if _writable(beside):
+        return beside
+    return Path(out_dir) / "embeddings" if out_dir else None
+
+
+def open_store(args, out_dir: str | os.PathLike | None = None):
+    """(EmbeddingStore, model folder, embedding cache folder or None) for a command's arguments."""
+    from medclipin.eval.embeddings import EmbeddingStore, load_model, resolve_model_dir
+
+    model_dir = resolve_model_dir(args.checkpoint)
+    model, tokenizer = load_model(model_dir, device=args.device)
+    model.float()  # evaluation runs in fp32 (bf16 is ~100x slower on CPUs without AMX)
+    choice = (args.embedding_cache or "").strip()
+    if choice.lower() == "none":
+        cache_dir = None
+    elif choice:
+        cache_dir = Path(choice)
+    else:
+        cache_dir = default_embedding_cache(model_dir, out_dir)
+    store = EmbeddingStore(model, tokenizer, cache_dir=cache_dir, image_cache=args.image_cache,
+                           batch_size=args.batch_size, num_workers=args.num_workers)
+    return store, model_dir, cache_dir
+
+
+def load_split(manifest_path: str, split: str) -> tuple[Manifest, list[Record]]:
+    """The manifest and its records of ``split`` (``all`` = every record)."""
+    manifest = read_manifest(manifest_path)
+    records = manifest.records if split == "all" else manifest.split(split)
+    if not records:
+        counts = {s: len(manifest.split(s)) for s in ("train", "validate", "test")}
+        raise SystemExit(f"error: {manifest_path} has no records in split {split!r} (splits: {counts})")
+    return manifest, records
+
+
+def run_info(args, store, model_dir: Path, cache_dir: Path | None, split: str | None = None,
+             n_records: int | None = None) -> dict:
+    """The "what ran" block: checkpoint, model fingerprint, manifest + sha256, split, counts, arguments, date."""
+    from medclipin.eval.zeroshot import file_sha256  # lazily: this module is imported to build `--help`
+
+    info = {
+        "checkpoint": str(model_dir),
+        "model_fingerprint": store.fingerprint,
+        "manifest": str(args.manifest) if getattr(args, "manifest", None) else None,
+        "manifest_sha256": file_sha256(args.manifest) if getattr(args, "manifest", None) else None,
+        "split": split,
+        "n_records": n_records,
+        "embedding_cache": str(cache_dir) if cache_dir else "none",
+        "arguments": {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k != "command"},
+        "medclipin_version": _version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return info
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("medclipin")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
