@@ -1,0 +1,5 @@
+import sys
+
+from medclipin.cli import main
+
+sys.exit(main())
