@@ -1,0 +1,570 @@
+"""``medclipin bench train``: training-step speed of medclipin CLIP, CLIP+CLIPin and open_clip, side by side.
+
+The three contenders train the *same towers* (the config's timm image tower and HF BERT text tower)
+on the same synthetic batch shape, in the same precision, with the same AdamW implementation:
+
+* ``clip``      — medclipin ``MedClipModel`` with CLIPin switched off;
+* ``clipin``    — medclipin ``MedClipModel`` with CLIPin on (two views; EMA target);
+* ``open_clip`` — open_clip's ``CustomTextCLIP`` (``TimmModel`` + ``HFTextEncoder``) with its ``ClipLoss``.
+
+Their steps are **alternated** (clip, clipin, open_clip, then clipin, open_clip, clip, ...: the first
+contender rotates every round) so that the noise of a shared machine
+falls on all of them alike; each step is timed alone (device synchronised only at its two ends). Inputs
+are random tensors created once: this measures the model + optimiser step, not data loading.
+
+medclipin's step is the trainer's own :class:`medclipin.train.step.TrainStep` (one micro-batch):
+zero_grad → autocast forward ``model(batch)`` → backward → unscale → clip_grad_norm_ → finite check
+(the trainer's one host sync per step) → AdamW (``train.optim.build_optimizer``) → scheduler →
+``model.after_optimizer_step`` (λ/temperature clamps, EMA).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from medclipin.bench.flops import count_flops, matmul_peak, synchronize
+from medclipin.config import Config, config_to_dict
+from medclipin.train.distributed import DistInfo
+from medclipin.train.optim import build_optimizer, build_scheduler
+from medclipin.train.step import TrainStep, autocast_context, resolve_device, resolve_precision
+
+CONTENDERS = ("clip", "clipin", "open_clip")
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def synthetic_batch(cfg: Config, device: torch.device, two_views: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random normalised images and token ids shaped like a collated batch.
+
+    Texts have random lengths in ``[L/2, L]`` (``L = data.text.max_length``), right-padded with id 0
+    (BERT's pad id) so the attention mask is real; position 0 is a [CLS]-like id.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b, size, ch = cfg.train.batch_size, cfg.data.image.size, cfg.data.image.channels
+    length, vocab = cfg.data.text.max_length, vocab_size(cfg)
+
+    def text():
+        ids = torch.randint(5, vocab, (b, length), generator=g)
+        ids[:, 0] = 2
+        lengths = torch.randint(max(2, length // 2), length + 1, (b,), generator=g)
+        lengths[0] = length  # the longest text sets the padded length, as the collator pads to the longest
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        return ids * mask, mask
+
+    batch = {"image": torch.randn(b, ch, size, size, generator=g)}
+    batch["input_ids"], batch["attention_mask"] = text()
+    if two_views:
+        batch["image_2"] = torch.randn(b, ch, size, size, generator=g)
+        batch["input_ids_2"], batch["attention_mask_2"] = text()
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def vocab_size(cfg: Config) -> int:
+    """The text tower's vocabulary: the configured WordPiece size (or a pretrained tower's own)."""
+    return int(cfg.data.text.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------- medclipin
+def _model_config(cfg: Config, clipin: bool) -> Config:
+    cfg = copy.deepcopy(cfg)
+    cfg.model.clipin.enabled = clipin
+    cfg.model.xclip.enabled = False
+    cfg.train.grad_accum = 1  # one micro-batch per step, like the open_clip contender
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------- contenders
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    step: Callable[[], object]  # one full optimiser step
+    loss_backward: Callable[[], object]  # forward + backward only (FLOP counting)
+    optimizer: torch.optim.Optimizer
+    info: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds per step (all threads)
+    peak_bytes: int = 0  # CUDA max allocated / RSS, during this contender's steps
+    peak_step_bytes: int = 0  # increase over the level at the start of the step
+    steps_done: int = 0
+
+
+def build_medclipin_contender(name: str, cfg: Config, device: torch.device, precision: str, seed: int) -> Contender:
+    from medclipin.models.model import MedClipModel
+
+    clipin = name == "clipin"
+    mcfg = _model_config(cfg, clipin)
+    torch.manual_seed(seed)
+    model = MedClipModel(mcfg.model, mcfg.data.image, mcfg.data.text, vocab_size=vocab_size(cfg)).to(device)
+    model.train()
+    optimizer = build_optimizer(model, mcfg.train, device)
+    scheduler = build_scheduler(optimizer, mcfg.train)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    batch = synthetic_batch(cfg, device, two_views=model.needs_two_views, seed=seed + 1)
+    train_module = torch.compile(model) if mcfg.train.compile else model
+    train_step = TrainStep(model, train_module, optimizer, scheduler, scaler, mcfg.train, precision, device,
+                           DistInfo())
+    c = Contender(name, model, lambda: None, lambda: None, optimizer)
+
+    def step():
+        outcome = train_step(lambda: batch, c.steps_done)
+        c.steps_done += 1
+        return outcome.applied
+
+    def loss_backward():
+        with autocast_context(precision, device):
+            out = model(batch)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    c.step, c.loss_backward = step, loss_backward
+    c.info = {
+        "implementation": "medclipin.models.MedClipModel + train.optim.build_optimizer + train.step.TrainStep",
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "optimizer": _describe_optimizer(optimizer),
+        "attention": {
+            "image_fused_attn": _timm_fused_attn(model.image_encoder.model),
+            "text_attn_implementation": _hf_attn(model.text_encoder.model),
+        },
+    }
+    return c
+
+
+def open_clip_available() -> bool:
+    try:
+        import open_clip  # noqa: F401
+    except Exception:  # ImportError, or a broken optional dependency
+        return False
+    return True
+
+
+def build_open_clip_model(cfg: Config) -> nn.Module:
+    """open_clip ``CustomTextCLIP`` with the same towers as medclipin's config.
+
+    The text tower is open_clip's ``HFTextEncoder`` built (offline) from a ``config.json`` holding the
+    same ``BertConfig``; the config's pooling (CLS without BERT's pooler layer, or masked mean) and a linear
+    projection, as medclipin does.
+    The image tower is open_clip's ``TimmModel`` (token pooling, linear projection) whose timm trunk is
+    created with the same keyword arguments medclipin passes (``in_chans``, ``img_size``, ``depth``...),
+    which ``TimmModel`` itself does not forward.
+    """
+    from open_clip.model import CustomTextCLIP
+    from transformers import BertConfig
+
+    from medclipin.models.encoders import ImageEncoder
+
+    embed_dim = cfg.model.contrastive.embed_dim
+    enc = cfg.model.image_encoder
+    # medclipin's pooling, in open_clip's pooler names (BERT's own pooler layer is left out, as in medclipin)
+    pooler = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}[cfg.model.text_encoder.pooling]
+    with tempfile.TemporaryDirectory() as folder:
+        BertConfig(vocab_size=vocab_size(cfg), **cfg.model.text_encoder.config).save_pretrained(folder)
+        model = CustomTextCLIP(
+            embed_dim,
+            vision_cfg={"timm_model_name": enc.name, "timm_model_pretrained": False, "timm_pool": "token",
+                        "timm_proj": "linear", "image_size": cfg.data.image.size},
+            text_cfg={"hf_model_name": folder, "hf_model_pretrained": False, "hf_proj_type": "linear",
+                      "hf_pooler_type": pooler,
+                      "context_length": cfg.data.text.max_length, "vocab_size": vocab_size(cfg)},
+        )
+    # the very timm trunk medclipin builds (same create_model kwargs), wrapped by open_clip's TimmModel
+    medclipin_image = ImageEncoder(enc, in_chans=cfg.data.image.channels, image_size=cfg.data.image.size)
+    if getattr(medclipin_image, "replicate_channels", 1) > 1:
+        raise ValueError(f"{enc.name} does not take {cfg.data.image.channels}-channel input natively")
+    trunk = medclipin_image.model
+    if hasattr(trunk, "reset_classifier"):
+        trunk.reset_classifier(0, global_pool="token" if hasattr(trunk, "cls_token") else "avg")
+    model.visual.trunk = trunk
+    model.visual.head.proj = nn.Linear(model.visual.trunk.num_features, embed_dim, bias=False)
+    return model
+
+
+def _open_clip_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # open_clip_train.main: no decay for ndim < 2, "bn", "ln", "bias", "logit_scale"
+    def exclude(n, p):
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def build_open_clip_contender(cfg: Config, device: torch.device, precision: str, seed: int) -> Contender:
+    """open_clip's training step (``open_clip_train.train.train_one_epoch``, no accumulation):
+    lr schedule → zero_grad → autocast forward + ``ClipLoss`` → backward → clip_grad_norm_ (open_clip's
+    ``--grad-clip-norm``, set to the config's value) → AdamW step → clamp ``logit_scale`` to ln 100.
+    AdamW gets the same implementation flags as medclipin's (fused on CUDA, foreach on CPU), so the
+    comparison is of the models and losses, not of optimiser flags."""
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(seed)
+    model = build_open_clip_model(cfg).to(device)
+    model.train()
+    forward = torch.compile(model) if cfg.train.compile else model
+    loss_fn = ClipLoss()
+    tc = cfg.train
+    kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(_open_clip_param_groups(model, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
+                                  eps=1e-6, **kwargs)
+    batch = synthetic_batch(cfg, device, two_views=False, seed=seed + 1)
+    images, texts = batch["image"], batch["input_ids"]
+    c = Contender("open_clip", model, lambda: None, lambda: None, optimizer)
+
+    def lr_at(step: int) -> float:  # open_clip_train.scheduler.cosine_lr
+        from medclipin.train.optim import warmup_cosine
+
+        return tc.lr * warmup_cosine(step, tc.warmup_steps, tc.steps)
+
+    def loss():
+        with autocast_context(precision, device):
+            image_features, text_features, logit_scale = forward(images, texts)
+            return loss_fn(image_features, text_features, logit_scale)
+
+    def step():
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(c.steps_done)
+        optimizer.zero_grad()
+        total = loss()
+        total.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip, norm_type=2.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        c.steps_done += 1
+
+    def loss_backward():
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+
+    c.step, c.loss_backward = step, loss_backward
+    import open_clip
+
+    c.info = {
+        "implementation": f"open_clip {open_clip.__version__} CustomTextCLIP(TimmModel, HFTextEncoder) + open_clip.loss.ClipLoss",
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "optimizer": _describe_optimizer(optimizer),
+        "attention": {
+            "image_fused_attn": _timm_fused_attn(model.visual.trunk),
+            "text_attn_implementation": _hf_attn(model.text.transformer),
+        },
+    }
+    return c
+
+
+def _describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
+    d = optimizer.defaults
+    flags = [k for k in ("fused", "foreach") if d.get(k)]
+    return f"{type(optimizer).__name__}({', '.join(flags) or 'for-loop'})"
+
+
+def _timm_fused_attn(vit: nn.Module):
+    blocks = getattr(vit, "blocks", None)
+    if not blocks:
+        return None
+    return bool(getattr(blocks[0].attn, "fused_attn", False))
+
+
+def _hf_attn(hf_model: nn.Module):
+    return getattr(hf_model.config, "_attn_implementation", None)
+
+
+# ---------------------------------------------------------------------------------------- memory
+class RssSampler:
+    """Samples this process's resident set size every few ms in a thread; ``peak()`` since the last ``reset()``.
+
+    On CPU the contenders share one process, so their peaks all include every contender's weights and
+    optimiser states; ``reset()`` before a step and ``peak() − start`` isolates that step's own growth.
+    """
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s, self._peak, self._stop = interval_s, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * self._page
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self._peak = max(self._peak, self.current())
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def reset(self) -> int:
+        now = self.current()
+        self._peak = now
+        return now
+
+    def peak(self) -> int:
+        self._peak = max(self._peak, self.current())
+        return self._peak
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(timeout=1.0)
+
+
+# ---------------------------------------------------------------------------------------- machine
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mkldnn_bf16_supported": _mkldnn_bf16(),
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                     "cuda": torch.version.cuda})
+    for module in ("timm", "transformers", "open_clip"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:
+            info[module] = None
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _mkldnn_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------- runner
+def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, steps: int = 10, warmup: int = 2,
+                        contenders: tuple[str, ...] = CONTENDERS, device: str | torch.device | None = None,
+                        config_path: str = "", seed: int = 0, measure_peak: bool = True,
+                        peak_max_n: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Alternate the contenders' training steps and write/return the result dictionary.
+
+    Args:
+        cfg: the model/data/train configuration (batch size, image size, towers, precision).
+        out_json: where to write the JSON (optional).
+        steps, warmup: timed steps per contender, after ``warmup`` untimed rounds.
+        contenders: any of ``clip``, ``clipin``, ``open_clip``; ``open_clip`` is skipped (and reported
+            unavailable) when the ``open_clip_torch`` package cannot be imported.
+        device: ``None`` = ``cfg.train.device``.
+        measure_peak: time the bf16 and fp32 matmul peaks (MFU needs the one in use).
+        peak_max_n: largest matmul side for the peak (default: CPU 2048, CUDA 8192; tests use small).
+    """
+    say = progress or (lambda message: None)
+    device = resolve_device(cfg.train.device if device is None else str(device))
+    precision = resolve_precision(cfg.train.precision, device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    result: dict = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "torch": torch.__version__,
+        "config_path": str(config_path),
+        "config": {"data": config_to_dict(cfg.data), "model": config_to_dict(cfg.model),
+                   "train": config_to_dict(cfg.train)},
+        "precision": precision,
+        "batch_size": cfg.train.batch_size,
+        "image_size": cfg.data.image.size,
+        "text_length": cfg.data.text.max_length,
+        "steps": steps,
+        "warmup": warmup,
+        "schedule": "round-robin: one step of each contender in turn, the starting contender rotating every "
+                    "round; each step timed alone",
+        "inputs": "synthetic random tensors created once (no data loading)",
+        "medclipin_step": "train.step.TrainStep, the trainer's own step (grad_accum 1): zero_grad, autocast "
+                          "forward, backward, unscale, clip_grad_norm_, finite check (1 host sync), AdamW, "
+                          "scheduler, after_optimizer_step (EMA)",
+        "compile": bool(cfg.train.compile),
+    }
+
+    peaks = {}
+    if measure_peak:
+        say("measuring matmul peaks (fp32, bf16)")
+        for dtype in (torch.float32, torch.bfloat16):
+            peaks[str(dtype).replace("torch.", "")] = matmul_peak(dtype, device, max_n=peak_max_n)
+    result["matmul_peak"] = peaks
+    used = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    peak_flops = peaks.get(used, {}).get("flops_per_s")
+    if precision == "fp16" and measure_peak:
+        peaks["float16"] = matmul_peak(torch.float16, device, max_n=peak_max_n)
+        peak_flops = peaks["float16"]["flops_per_s"]
+    result["peak_flops_per_s"] = peak_flops
+    result["peak_precision"] = used
+
+    wanted = [c for c in contenders if c in CONTENDERS]
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown:
+        raise ValueError(f"unknown contenders {unknown}; choose from {CONTENDERS}")
+    result["open_clip_available"] = open_clip_available()
+    if "open_clip" in wanted and not result["open_clip_available"]:
+        wanted.remove("open_clip")
+        result["open_clip_note"] = "open_clip_torch is not installed (pip install medclipin[bench]); contender skipped"
+
+    built: list[Contender] = []
+    for name in wanted:
+        say(f"building {name}")
+        if name == "open_clip":
+            built.append(build_open_clip_contender(cfg, device, precision, seed))
+        else:
+            built.append(build_medclipin_contender(name, cfg, device, precision, seed))
+
+    for c in built:
+        say(f"counting FLOPs of {c.name}")
+        c.info["flops_per_step"] = count_flops(c.loss_backward)
+        c.info["flops_per_sample"] = c.info["flops_per_step"] / cfg.train.batch_size
+
+    sampler = RssSampler().start() if device.type == "cpu" else None
+    last: dict[str, float] = {}
+    try:
+        for round_index in range(warmup + steps):
+            timed = round_index >= warmup
+            # rotate who goes first each round: a step's speed depends a little (2-3 % measured) on which
+            # contender ran just before it (caches, allocator), so every contender takes every position
+            shift = round_index % len(built)
+            for c in built[shift:] + built[:shift]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    start_bytes = torch.cuda.memory_allocated(device)
+                else:
+                    start_bytes = sampler.reset()
+                synchronize(device)
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                c.step()
+                synchronize(device)
+                dt, cpu_dt = time.perf_counter() - t0, time.process_time() - cpu0
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak()
+                c.peak_bytes = max(c.peak_bytes, peak)
+                c.peak_step_bytes = max(c.peak_step_bytes, peak - start_bytes)
+                last[c.name] = dt
+                if timed:
+                    c.times.append(dt)
+                    c.cpu_times.append(cpu_dt)
+            say(f"round {round_index + 1}/{warmup + steps}" + ("" if timed else " (warm-up)") + ": "
+                + ", ".join(f"{name} {t:.3f}s" for name, t in last.items()))
+    finally:
+        if sampler is not None:
+            sampler.stop()
+
+    if measure_peak:
+        # the peak again after the timed steps (a shared machine's load changes): keep the better of the two
+        for key, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            again = matmul_peak(dtype, device, max_n=peak_max_n)
+            peaks[key]["flops_per_s_after"] = again["flops_per_s"]
+            if again["flops_per_s"] > peaks[key]["flops_per_s"]:
+                peaks[key].update({k: again[k] for k in ("n", "seconds", "flops_per_s")})
+        peak_flops = peaks[used]["flops_per_s"] if used in peaks else peak_flops
+        result["peak_flops_per_s"] = peak_flops
+        result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    per = {}
+    for c in built:
+        median = statistics.median(c.times) if c.times else float("nan")
+        achieved = c.info["flops_per_step"] / median if c.times else float("nan")
+        per[c.name] = {
+            **c.info,
+            "step_times_s": [round(t, 5) for t in c.times],
+            "median_step_s": median,
+            "step_cpu_times_s": [round(t, 5) for t in c.cpu_times],
+            "median_step_cpu_s": statistics.median(c.cpu_times) if c.cpu_times else float("nan"),
+            "samples_per_s": cfg.train.batch_size / median,
+            "achieved_flops_per_s": achieved,
+            "mfu": achieved / peak_flops if peak_flops else None,
+            "peak_memory_bytes": c.peak_bytes,
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled",
+            "step_memory_increase_bytes": c.peak_step_bytes,
+        }
+    result["contenders"] = per
+    if device.type == "cpu":
+        import resource
+
+        result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for name in CONTENDERS:
+        result[f"{name}_samples_per_s"] = per[name]["samples_per_s"] if name in per else None
+        result[f"{name}_mfu"] = per[name]["mfu"] if name in per else None
+    result["mfu"] = {name: per[name]["mfu"] for name in per}
+    if "clip" in per and "open_clip" in per:
+        result["clip_vs_open_clip"] = per["clip"]["samples_per_s"] / per["open_clip"]["samples_per_s"]
+    by_name = {c.name: c.times for c in built}
+    cpu = {name: per[name]["median_step_cpu_s"] for name in per}
+    if "clip" in per and "open_clip" in per:
+        # process CPU time per step: on a shared, oversubscribed machine it moves far less with other jobs'
+        # load than wall time (with 1 torch thread it is the step's own work)
+        result["clip_vs_open_clip_cpu_time"] = cpu["open_clip"] / cpu["clip"]
+    if "clip" in per and "clipin" in per:
+        result["clipin_step_vs_clip_step_cpu_time"] = cpu["clipin"] / cpu["clip"]
+    if "clip" in per and "open_clip" in per:
+        # the same ratio from each round's own pair of steps (robust to load drifting during the run)
+        result["clip_vs_open_clip_paired_median"] = statistics.median(
+            o / m for m, o in zip(by_name["clip"], by_name["open_clip"]))
+    if "clip" in per and "clipin" in per:
+        result["clipin_step_vs_clip_step"] = per["clipin"]["median_step_s"] / per["clip"]["median_step_s"]
+        result["clipin_step_vs_clip_step_paired_median"] = statistics.median(
+            b / a for a, b in zip(by_name["clip"], by_name["clipin"]))
+        result["clipin_flops_vs_clip_flops"] = per["clipin"]["flops_per_step"] / per["clip"]["flops_per_step"]
+    if out_json:
+        path = Path(out_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+# ---------------------------------------------------------------------------------------- profile
+def profile_contender(cfg: Config, name: str = "clipin", steps: int = 3, warmup: int = 1, row_limit: int = 25,
+                      device: str | torch.device | None = None) -> str:
+    """torch.profiler table (by self CPU/CUDA time) of ``steps`` training steps of one contender."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = resolve_device(cfg.train.device if device is None else str(device))
+    precision = resolve_precision(cfg.train.precision, device)
+    if name == "open_clip":
+        c = build_open_clip_contender(cfg, device, precision, 0)
+    else:
+        c = build_medclipin_contender(name, cfg, device, precision, 0)
+    for _ in range(warmup):
+        c.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            c.step()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=row_limit)
