@@ -1,0 +1,162 @@
+"""medclipin bench: the train benchmark runs all contenders at tiny size and writes its keys; FLOP counting
+is plausible; the eval benchmark runs. No timing thresholds here (those belong in the benchmarks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medclipin.bench import train as bench_train
+from medclipin.bench.eval import run_eval_benchmark
+from medclipin.bench.flops import count_flops, matmul_peak, vit_flops_estimate
+from medclipin.config import load_config
+
+TINY = [
+    "data.image.size=32", "data.image.channels=1", "data.text.max_length=8", "data.text.vocab_size=100",
+    "model.image_encoder.name=vit_tiny_patch16_224",
+    "model.image_encoder.kwargs={patch_size: 16, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
+    "model.contrastive.embed_dim=16",
+    "model.clipin.pre_dim=32", "model.clipin.nc_dim=32", "model.clipin.predictor_hidden=16",
+    "train.batch_size=4", "train.device=cpu", "train.warmup_steps=1", "train.steps=10",
+    "eval.batch_size=4",
+]
+
+
+@pytest.fixture()
+def tiny_cfg():
+    return load_config(None, TINY)
+
+
+def test_train_benchmark_all_contenders(tiny_cfg, tmp_path):
+    out = tmp_path / "train.json"
+    result = bench_train.run_train_benchmark(tiny_cfg, out, steps=2, warmup=0, peak_max_n=128)
+    saved = json.loads(out.read_text())
+    for key in ("clip_samples_per_s", "clipin_samples_per_s", "open_clip_samples_per_s", "mfu",
+                "clipin_step_vs_clip_step", "precision", "machine", "torch", "date", "config", "matmul_peak"):
+        assert key in saved, key
+    assert set(saved["matmul_peak"]) == {"float32", "bfloat16"}
+    assert saved["precision"] in ("fp32", "bf16")
+    expected = ["clip", "clipin"] + (["open_clip"] if result["open_clip_available"] else [])
+    assert list(saved["contenders"]) == expected
+    for name in expected:
+        c = saved["contenders"][name]
+        assert len(c["step_times_s"]) == 2
+        assert c["samples_per_s"] > 0 and c["flops_per_sample"] > 0 and c["mfu"] > 0
+        assert c["peak_memory_bytes"] > 0
+        assert c["attention"]["text_attn_implementation"] == "sdpa"
+        assert c["attention"]["image_fused_attn"] is True
+    # CLIPin = online forward/backward on view 1 + no-grad target forward on view 2 (+ heads): ≈ 4/3 of CLIP
+    assert 1.2 < saved["clipin_flops_vs_clip_flops"] < 1.8
+    if result["open_clip_available"]:
+        assert saved["clip_vs_open_clip"] > 0
+        # the same towers: the same FLOPs per step within the heads' difference
+        clip, oc = saved["contenders"]["clip"], saved["contenders"]["open_clip"]
+        assert abs(clip["flops_per_step"] - oc["flops_per_step"]) / clip["flops_per_step"] < 0.05
+
+
+def test_train_benchmark_without_open_clip(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_train, "open_clip_available", lambda: False)
+    result = bench_train.run_train_benchmark(tiny_cfg, tmp_path / "t.json", steps=1, warmup=0, measure_peak=False)
+    assert result["open_clip_available"] is False
+    assert result["open_clip_samples_per_s"] is None
+    assert "not installed" in result["open_clip_note"]
+    assert "open_clip" not in result["contenders"]
+    assert result["clip_samples_per_s"] > 0
+
+
+def test_medclipin_step_updates_weights_and_ema(tiny_cfg):
+    c = bench_train.build_medclipin_contender("clipin", tiny_cfg, torch.device("cpu"), "fp32", seed=0)
+    model = c.model
+    online = model.image_encoder.model.patch_embed.proj.weight.detach().clone()
+    target = model.target["image_encoder"].model.patch_embed.proj.weight.detach().clone()
+    assert torch.equal(online, target)
+    assert c.step() is True
+    new_online = model.image_encoder.model.patch_embed.proj.weight.detach()
+    new_target = model.target["image_encoder"].model.patch_embed.proj.weight.detach()
+    assert not torch.equal(new_online, online)
+    m = model.target_momentum(1, tiny_cfg.train.steps)
+    torch.testing.assert_close(new_target, m * target + (1 - m) * new_online)
+    assert c.optimizer.state  # AdamW stepped
+    assert "TrainStep" in c.info["implementation"]  # the trainer's own step, not a copy
+    assert c.info["optimizer"] == "AdamW(foreach)"  # multi-tensor on CPU (fused on CUDA)
+
+
+def test_flop_count_plausible_for_tiny_vit():
+    import timm
+
+    depth, dim, size, patch = 2, 64, 32, 8
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=size, patch_size=patch, depth=depth,
+                              embed_dim=dim, num_heads=2, in_chans=3)
+    x = torch.randn(2, 3, size, size)
+    counted = count_flops(lambda: model(x).sum().backward())
+    patches = (size // patch) ** 2
+    forward = vit_flops_estimate(depth, dim, patches + 1, patch_dim=3 * patch * patch, patches=patches)
+    analytic = 3 * forward * 2  # forward + backward (≈ 2× forward), batch 2
+    assert counted > 0
+    assert analytic / 2 < counted < analytic * 2
+
+
+def test_matmul_peak_small():
+    peak = matmul_peak(torch.float32, torch.device("cpu"), max_n=128, target_s=0.01, repeats=1)
+    assert peak["n"] <= 128 and peak["flops_per_s"] > 0
+
+
+def test_eval_benchmark_tiny(tiny_cfg, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_eval_benchmark(tiny_cfg, out, sizes=(50, 200), max_queries=64, batches=1, metrics_n=50,
+                                full_up_to=100)
+    saved = json.loads(out.read_text())
+    assert saved["images_per_s"] > 0 and saved["texts_per_s"] > 0
+    assert saved["retrieval"]["50"]["subset"] is False and saved["retrieval"]["50"]["queries_timed"] == 50
+    assert saved["retrieval"]["200"]["subset"] is True and saved["retrieval"]["200"]["queries_timed"] == 64
+    assert result["retrieval_200_queries_per_s"] > 0
+    assert saved["retrieval_metrics"]["n"] == 50
+
+
+def test_cli_bench_eval(tmp_path, monkeypatch):
+    from medclipin.cli import main
+
+    out = tmp_path / "e.json"
+    code = main(["bench", "eval", "--json", str(out), "--sizes", "40", "--batches", "1", "--batch-size", "2",
+                 "--metrics-n", "0", *TINY])
+    assert code == 0 and json.loads(out.read_text())["retrieval"]["40"]["candidates"] == 40
+
+
+def test_gpu_config_is_vitb16_bert_base():
+    """The GPU benchmark config builds ViT-B/16 + BERT-base (checked on the config, no model is built)."""
+    from medclipin.train.step import resolve_precision
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "bench_gpu_vitb16_bert.yaml")
+    assert cfg.model.image_encoder.name == "vit_base_patch16_224" and cfg.data.image.size == 224
+    text = cfg.model.text_encoder.config
+    assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"],
+            text["intermediate_size"]) == (768, 12, 12, 3072)
+    assert cfg.train.precision == "bf16" and cfg.train.device == "cuda" and cfg.train.batch_size >= 64
+    assert resolve_precision(cfg.train.precision, torch.device("cuda")) == "bf16"
+
+
+def test_cli_bench_has_train_eval_io():
+    from medclipin.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["bench", "train", "--config", "c.yaml", "--json", "o.json", "--steps", "3",
+                              "--warmup", "1", "train.batch_size=8"])
+    assert (args.bench, args.steps, args.warmup, args.overrides) == ("train", 3, 1, ["train.batch_size=8"])
+    assert parser.parse_args(["bench", "eval"]).bench == "eval"
+    args = parser.parse_args(["bench", "io", "--json", "io.json", "--workers", "2", "--size", "128"])
+    assert (args.bench, args.workers, args.size) == ("io", 2, 128)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_open_clip_model_matches_towers(tiny_cfg, pooling):
+    """open_clip's model is built with medclipin's pooling and the same trunk size (same FLOPs per step)."""
+    pytest.importorskip("open_clip")
+    tiny_cfg.model.text_encoder.pooling = pooling
+    model = bench_train.build_open_clip_model(tiny_cfg)
+    expected = {"cls": "ClsLastHiddenStatePooler", "mean": "MeanPooler"}[pooling]
+    assert type(model.text.pooler).__name__ == expected
+    assert model.visual.trunk.patch_embed.proj.in_channels == tiny_cfg.data.image.channels

@@ -1,0 +1,234 @@
+"""Checkpoints that survive anything: atomic writes, keep-K, incomplete folders ignored, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medclipin.config import config_to_dict
+from medclipin.models.model import WEIGHTS_NAME, MedClipModel
+from medclipin.train import checkpoint as ckpt
+from medclipin.train.trainer import pretrain
+from test_train_support import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    return MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=200)
+
+
+def fake_state():
+    return {"optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": 3}, "scaler": {},
+            "rng": ckpt.rng_state(), "micro_step": 7}
+
+
+def test_checkpoint_holds_weights_with_the_ema_target_and_training_state(tmp_path, tiny_model):
+    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model, None, fake_state())
+    assert path.name == "step_00000004" and ckpt.is_valid_checkpoint(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model" / WEIGHTS_NAME), "pt") as handle:
+        keys = set(handle.keys())
+    # the EMA target (parameters and BatchNorm statistics) is part of the model's state
+    assert {k for k in tiny_model.state_dict() if k.startswith("target.")} <= keys
+    assert any(k.startswith("target.image_encoder.") for k in keys)
+    assert any(k.startswith("target.text_nc.") and "running_mean" in k for k in keys)
+    state = ckpt.load_training_state(path)
+    assert state["step"] == 4 and state["micro_step"] == 7 and state["scheduler"] == {"last_epoch": 3}
+    # weights load back strictly, target included
+    copy = MedClipModel(tiny_model.cfg, tiny_model.image_cfg, tiny_model.text_cfg, vocab_size=200)
+    ckpt.load_model_weights(copy, path)
+    for (name, a), b in zip(tiny_model.state_dict().items(), copy.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_rng_states_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_keep_last_k(tmp_path, tiny_model):
+    for step in (2, 4, 6, 8):
+        ckpt.save_checkpoint(tmp_path, step, tiny_model, None, fake_state(), keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path, tiny_model):
+    ckpt.save_checkpoint(tmp_path, 2, tiny_model, None, fake_state())
+    folder = tmp_path / "checkpoints"
+    # a save killed while staging: a temporary folder with a newer step
+    staging = folder / ".step_00000006.tmpab12cd"
+    (staging / "model").mkdir(parents=True)
+    (staging / "model" / WEIGHTS_NAME).write_bytes(b"partial")
+    # a step folder missing a file (e.g. copied by hand, or a filesystem without atomic rename)
+    broken = folder / "step_00000004"
+    (broken / "model").mkdir(parents=True)
+    (broken / ckpt.STATE_NAME).write_bytes(b"")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    # the next save cleans up the stale staging folder
+    ckpt.save_checkpoint(tmp_path, 8, tiny_model, None, fake_state(), keep=5)
+    assert not staging.exists() and ckpt.latest_checkpoint(tmp_path).name == "step_00000008"
+    assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tmp_path, tiny_model, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 2, tiny_model, None, fake_state())
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", explode)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 4, tiny_model, None, fake_state())
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not list((tmp_path / "checkpoints").glob(".step_*"))
+
+
+def test_weights_load_only_through_safetensors_or_weights_only():
+    """Grep-able guarantee: no pickle loading of weights, no trust_remote_code the user did not ask for."""
+    offenders = []
+    for path in sorted((REPO / "medclipin").rglob("*.py")):
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in match.group(1):
+                offenders.append(f"{path.relative_to(REPO)}: {match.group(0)}")
+        if re.search(r"trust_remote_code\s*=\s*True", text):
+            offenders.append(f"{path.relative_to(REPO)}: trust_remote_code=True")
+    assert not offenders, offenders
+
+
+# ------------------------------------------------------------------ data position on resume
+class IndexDataset(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n, self.epoch = n, None
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return {"index": index, "epoch": self.epoch}
+
+
+def _collate(items):
+    return {"index": tuple(item["index"] for item in items), "epoch": items[0]["epoch"]}
+
+
+def _stream(consumed):
+    from torch.utils.data import DistributedSampler
+
+    from medclipin.train.trainer import BatchStream
+
+    dataset = IndexDataset(10)  # batches of 3: 3 per epoch, the 10th sample dropped
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=5, drop_last=True)
+    return BatchStream(dataset, sampler, 3, _collate, num_workers=0, pin_memory=False, seed=5, consumed=consumed)
+
+
+def test_batch_stream_resumes_at_the_exact_batch_across_epochs():
+    full = _stream(0)
+    reference = [full() for _ in range(8)]
+    assert [b["epoch"] for b in reference] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert reference[0]["index"] != reference[3]["index"]  # reshuffled every epoch (set_epoch)
+    for consumed in (1, 3, 4, 6):
+        resumed = _stream(consumed)
+        assert [resumed() for _ in range(8 - consumed)] == reference[consumed:], consumed
+        assert resumed.consumed == 8
+
+
+def test_batch_stream_never_draws_from_the_global_rng():
+    # dropout draws from torch's global RNG, which checkpoints restore: opening a loader must not move it
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    stream = _stream(2)
+    for _ in range(5):
+        stream()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------ kill -9 and resume
+def _losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    steps = [int(r["step"]) for r in rows]
+    assert steps == sorted(set(steps)), "every step logged once, in order"
+    return {int(r["step"]): float(r["loss"]) for r in rows}
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "metrics.csv").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    last = lines[-1].split(",")[0] if len(lines) > 1 else ""
+    return int(last) if last.isdigit() else 0
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_resume_auto_repeats_the_uninterrupted_losses(tmp_path):
+    steps = 16
+    # CLIPin (two views, EMA target) with dropout on: resuming must restore the RNG streams exactly
+    cfg = tiny_config(f"train.steps={steps}", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+                      "train.log_every=1", "train.deterministic=true",
+                      "model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                      "intermediate_size: 64, hidden_dropout_prob: 0.1, attention_probs_dropout_prob: 0.1}")
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    try:
+        reference = pretrain(cfg, tmp_path / "reference", progress=False)
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.deterministic is process-wide: do not leak it
+    assert reference.steps == steps
+
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
+               "--quiet", "--no-validate"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while _last_logged_step(run) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed_at = _last_logged_step(run)
+    assert 5 <= killed_at < steps, "the run must be killed mid-training"
+    assert not (run / "model").exists()
+
+    resumed = subprocess.run([*command, "--resume", "auto"], cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert b"resumed from step_" in resumed.stderr
+
+    expected, got = _losses(tmp_path / "reference"), _losses(run)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), f"step {step} (killed at {killed_at})"
+    final = MedClipModel.from_pretrained(run / "model").state_dict()
+    for name, tensor in MedClipModel.from_pretrained(reference.model_dir).state_dict().items():
+        assert torch.allclose(tensor, final[name], atol=1e-6), name

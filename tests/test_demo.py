@@ -1,0 +1,58 @@
+"""A shortened `medclipin demo`, end to end, as a user runs it (slow: real data generation and training)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medclipin.cli import main
+
+TINY = [
+    "train.steps=4", "train.batch_size=8", "train.warmup_steps=1", "train.checkpoint_every=2", "train.log_every=1",
+    "model.image_encoder.kwargs={patch_size: 16, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, intermediate_size: 64}",
+    "model.clipin.pre_dim=32", "model.clipin.nc_dim=64", "model.clipin.predictor_hidden=32",
+    "model.contrastive.embed_dim=32", "data.image.size=64", "eval.gradcam_examples=2", "eval.bootstrap=20",
+]
+
+
+@pytest.mark.slow
+def test_shortened_demo_writes_metrics_config_checkpoint_and_overlays(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--patients", "40", "--quiet", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "zero-shot mean AUC" in printed and "pointing game" in printed
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    zeroshot, retrieval, train = metrics["zeroshot"], metrics["retrieval"], metrics["train"]
+    assert set(zeroshot["per_class_auc"]) == {"Pleural Effusion", "Cardiomegaly", "Nodule", "Pneumothorax", "Consolidation"}
+    assert zeroshot["mean_auc"] is None or 0.0 <= zeroshot["mean_auc"] <= 1.0
+    for direction in ("image_to_text", "text_to_image"):
+        values = [retrieval[direction][k] for k in ("R@1", "R@5", "R@10")]
+        assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values)
+    assert 0.0 <= metrics["gradcam"]["pointing_game"] <= 1.0
+    assert train["steps"] == 4 and train["samples_per_s"] > 0 and train["wall_s"] > 0
+
+    # the resolved config (with the overrides) and the model are in the output folder
+    assert "depth: 1" in (out / "config.yaml").read_text()
+    assert (out / "run" / "model" / "model.safetensors").is_file()
+    assert (out / "run" / "checkpoints" / "step_00000004").is_dir()
+    rows = (out / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and "loss" in rows[0].split(",") and len(rows) == 5
+
+    overlays = sorted((out / "gradcam").glob("*.png"))
+    assert 1 <= len(overlays) <= 2
+    picture = np.asarray(Image.open(overlays[0]).convert("RGB"))
+    assert picture.shape[1] > 2 * picture.shape[0]  # three panels side by side
+    assert picture.std() > 10  # not a blank canvas
+
+
+@pytest.mark.slow
+def test_demo_runs_again_into_the_same_folder_reusing_the_data(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--patients", "20", "--quiet", *TINY, "train.steps=2"]) == 0
+    data_stamp = (out / "data" / "synthetic.json").stat().st_mtime_ns
+    assert main(["demo", "--out", str(out), "--patients", "20", "--quiet", *TINY, "train.steps=3"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
+    assert (out / "data" / "synthetic.json").stat().st_mtime_ns == data_stamp  # data reused, not regenerated

@@ -1,0 +1,180 @@
+"""The evaluation commands end to end on a tiny trained model: zeroshot, retrieve (metrics + queries),
+probe, gradcam (single + batch), the shared embedding cache, and the demo's evaluate() keys."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medclipin.cli import main
+from medclipin.data.manifest import read_manifest
+from medclipin.eval.metrics import is_finite_json
+
+
+def _cli(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_zeroshot_command_writes_json_markdown_and_roc(eval_model, eval_data, eval_prompts, tmp_path, capsys):
+    out = tmp_path / "zs"
+    assert _cli("zeroshot", "--checkpoint", eval_model, "--manifest", eval_data, "--prompts", eval_prompts,
+                "--out", out, "--bootstrap", 50, "--embedding-cache", tmp_path / "emb") == 0
+    payload = json.loads((out / "zeroshot.json").read_text())
+    zs = payload["zeroshot"]
+    assert set(zs["per_class_auc"]) == {"Pleural Effusion", "Cardiomegaly", "Nodule", "Pneumothorax", "Consolidation"}
+    assert is_finite_json(payload)
+    assert payload["prompts"]["sha256"] and len(payload["prompts"]["sha256"]) == 64
+    assert payload["run"]["split"] == "test" and payload["run"]["n_records"] == len(read_manifest(eval_data).split("test"))
+    for entry in zs["per_class"].values():  # the small test split has constant columns: None + note, no crash
+        assert (entry["auc"] is None) == ("note" in entry)
+    report = (out / "zeroshot.md").read_text()
+    assert payload["prompts"]["sha256"] in report and "Threshold rule" in report and "| class |" in report
+    assert (out / "zeroshot_roc.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "macro AUC" in printed and "SYN" not in printed  # no identifiers printed
+
+
+def test_zeroshot_command_rejects_a_prompt_class_missing_from_the_manifest(eval_model, eval_data, tmp_path, capsys):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("mode: multilabel\nclasses:\n  Edema:\n    positive: [edema]\n    negative: [no edema]\n")
+    assert _cli("zeroshot", "--checkpoint", eval_model, "--manifest", eval_data, "--prompts", prompts,
+                "--out", tmp_path / "o", "--embedding-cache", "none") == 2
+    assert "Edema" in capsys.readouterr().err
+
+
+def test_second_evaluation_of_a_checkpoint_does_not_reencode_images(eval_model, eval_data, eval_prompts, tmp_path,
+                                                                   monkeypatch):
+    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.eval.evaluate import retrieval, zero_shot
+    from medclipin.eval.zeroshot import load_prompts
+
+    records = read_manifest(eval_data).split("test")
+    prompts = load_prompts(eval_prompts)
+    calls = {"image": 0}
+
+    def counting_store():
+        model, tokenizer = load_model(eval_model)
+        original = model.encode_image
+
+        def encode_image(image):
+            calls["image"] += len(image)
+            return original(image)
+
+        monkeypatch.setattr(model, "encode_image", encode_image)
+        return EmbeddingStore(model, tokenizer, cache_dir=tmp_path / "cache")
+
+    first = zero_shot(counting_store(), records, prompts, bootstrap=0)
+    assert calls["image"] == len(records)
+    store = counting_store()  # a fresh process-equivalent: new model object, same weights, same cache folder
+    second = zero_shot(store, records, prompts, bootstrap=0)
+    retrieval(store, records)
+    assert calls["image"] == len(records)  # nothing re-encoded
+    assert second["mean_auc"] == first["mean_auc"]
+
+
+def test_embedding_cache_defaults_next_to_the_checkpoint(eval_model, eval_data, tmp_path):
+    from medclipin.eval.session import default_embedding_cache
+
+    assert default_embedding_cache(eval_model, tmp_path) == eval_model.resolve().parent / "embeddings"
+
+
+def test_retrieve_metrics_and_queries(eval_model, eval_data, tmp_path, capsys):
+    out = tmp_path / "rt"
+    cache = tmp_path / "emb"
+    assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--out", out,
+                "--embedding-cache", cache) == 0
+    payload = json.loads((out / "retrieval.json").read_text())
+    for direction in ("image_to_text", "text_to_image"):
+        assert {"R@1", "R@5", "R@10", "mean_rank", "median_rank"} <= set(payload["retrieval"][direction])
+    assert "Ground truth" in (out / "retrieval.md").read_text()
+    capsys.readouterr()
+
+    manifest = read_manifest(eval_data)
+    assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--embedding-cache", cache,
+                "--query-text", "small right pleural effusion", "--top-k", 3, "--out", tmp_path / "q") == 0
+    printed = capsys.readouterr().out
+    ids = {r.record_id for r in manifest.records}
+    listed = [line.split()[1] for line in printed.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+    assert len(listed) == 3 and set(listed) <= ids
+    hits = json.loads((tmp_path / "q" / "query.json").read_text())["hits"]
+    assert [h["record_id"] for h in hits] == listed and hits[0]["score"] >= hits[-1]["score"]
+
+    record = manifest.records[0]
+    assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--embedding-cache", cache,
+                "--query-image", record.image_path, "--top-k", 2) == 0
+    printed = capsys.readouterr().out
+    assert record.findings[:20] not in printed  # report text only on request
+    assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--embedding-cache", cache,
+                "--query-image", record.image_path, "--top-k", 40, "--show-text") == 0
+    printed = capsys.readouterr().out
+    assert record.impression.split(".")[0] in printed  # every distinct report listed, with text
+
+
+def test_probe_command(eval_model, eval_data, tmp_path):
+    out = tmp_path / "probe"
+    assert _cli("probe", "--checkpoint", eval_model, "--manifest", eval_data, "--out", out, "--fractions", 0.1, 1.0,
+                "--seeds", 0, 1, "--embedding-cache", tmp_path / "emb") == 0
+    payload = json.loads((out / "probe.json").read_text())
+    assert set(payload["probe"]["fractions"]) == {"0.1", "1"} and payload["run"]["features"] == "encoder"
+    assert is_finite_json(payload) and "± " in (out / "probe.md").read_text()
+
+
+def test_gradcam_single_image(eval_model, eval_data, tmp_path):
+    record = next(r for r in read_manifest(eval_data).records if r.boxes)
+    box = record.boxes[0].box
+    out = tmp_path / "cam"
+    assert _cli("gradcam", "--checkpoint", eval_model, "--image", record.image_path, "--text",
+                "large right pleural effusion.", "--box", *box, "--out", out, "--embedding-cache", "none") == 0
+    summary = json.loads((out / "gradcam.json").read_text())
+    assert -1 <= summary["similarity"] <= 1 and len(summary["localisation"]) == 1
+    assert 0 <= summary["localisation"][0]["iou"] <= 1
+    arrays = np.load(out / "gradcam.npz")
+    assert arrays["cam"].shape == (64, 64) and arrays["cam"].max() <= 1 + 1e-6
+    assert arrays["cam_original"].shape == (64, 64)  # synthetic originals are 64 px here
+    assert list(arrays["words"])[:2] == ["large", "right"] and arrays["words"][-1] == "effusion."
+    assert (out / "gradcam.png").stat().st_size > 10_000
+
+
+def test_gradcam_batch_mode(eval_model, eval_data, eval_prompts, tmp_path):
+    out = tmp_path / "camb"
+    assert _cli("gradcam", "--checkpoint", eval_model, "--manifest", eval_data, "--prompts", eval_prompts,
+                "--limit", 4, "--figures", 2, "--out", out, "--embedding-cache", "none") == 0
+    summary = json.loads((out / "gradcam.json").read_text())
+    loc = summary["localisation"]
+    assert loc["pairs"] == 4 and 0 <= loc["pointing_game"] <= 1 and len(loc["per_pair"]) == 4
+    assert len(summary["figures"]) == 2 and all((out / f.split("/")[-1]).is_file() for f in summary["figures"])
+    assert "What the colours mean" in (out / "gradcam.md").read_text()
+
+
+def test_gradcam_needs_a_mode(eval_model, tmp_path, capsys):
+    assert _cli("gradcam", "--checkpoint", eval_model, "--out", tmp_path, "--text", "x") == 2
+    assert "both --image and --text" in capsys.readouterr().err
+
+
+def test_evaluate_keeps_the_demo_keys(eval_model, eval_data, eval_prompts, tmp_path):
+    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.eval.evaluate import evaluate
+    from medclipin.eval.zeroshot import load_prompts
+
+    model, tokenizer = load_model(eval_model)
+    records = read_manifest(eval_data).split("test")
+    result = evaluate(EmbeddingStore(model, tokenizer), records, load_prompts(eval_prompts), tmp_path / "g",
+                      gradcam_figures=1, bootstrap=20)
+    assert "mean_auc" in result["zeroshot"] and "per_class_auc" in result["zeroshot"]
+    assert {"R@1", "R@5", "R@10"} <= set(result["retrieval"]["image_to_text"])
+    assert {"R@1", "R@5", "R@10"} <= set(result["retrieval"]["text_to_image"])
+    assert "pointing_game" in result["gradcam"] and len(result["gradcam"]["figures"]) == 1
+    json.dumps(result, allow_nan=False)
+
+
+def test_store_encodes_in_eval_mode_and_restores_the_mode(eval_model, eval_data):
+    from medclipin.eval.embeddings import EmbeddingStore, load_model
+
+    model, tokenizer = load_model(eval_model)
+    model.train()
+    texts = ["small right pleural effusion."] * 3
+    first = EmbeddingStore(model, tokenizer).texts(texts)
+    second = EmbeddingStore(model, tokenizer).texts(texts)
+    assert model.training  # given back as it came
+    assert torch.equal(first, second) and torch.allclose(first[0], first[1])  # no dropout noise

@@ -1,0 +1,71 @@
+"""Grad-CAM geometry and localisation metrics, without a model: CAMs mapped back onto originals,
+pointing game and IoU."""
+
+import numpy as np
+import pytest
+
+from medclipin.data.geometry import normalize_geometry
+from medclipin.eval.gradcam import (
+    TextRelevance,
+    box_to_input,
+    cam_box_iou,
+    cam_to_original,
+    pointing_game_hit,
+    save_gradcam_figure,
+)
+
+
+def _blob(side, x, y, sigma=1.5):
+    yy, xx = np.mgrid[0:side, 0:side]
+    return np.exp(-((xx + 0.5 - x) ** 2 + (yy + 0.5 - y) ** 2) / (2 * sigma ** 2)).astype(np.float32)
+
+
+@pytest.mark.parametrize("domain,shape", [("cxr", (90, 150)), ("cxr", (160, 100)), ("fundus", (120, 160, 3))])
+def test_cam_peak_maps_back_to_the_same_original_point(domain, shape):
+    image = np.zeros(shape, dtype=np.float32)
+    if domain == "fundus":  # a bright disc: the field of view the crop keeps
+        yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+        image[(yy - 60) ** 2 + (xx - 80) ** 2 < 55 ** 2] = 0.8
+    else:
+        image[:] = 0.5
+    square, geometry = normalize_geometry(image, domain, 64)
+    point = (shape[1] * 0.6, shape[0] * 0.4)  # x, y in the original
+    x, y = geometry.to_output(point)
+    factor = 32 / square.shape[0]  # the model input (32) is smaller than the normalised image (64)
+    cam = _blob(32, x * factor, y * factor)
+    back = cam_to_original(cam, geometry, square.shape[0], shape[:2])
+    assert back.shape == shape[:2] and 0 <= back.min() and back.max() <= 1
+    py, px = np.unravel_index(np.argmax(back), back.shape)
+    tolerance = 1.5 / (geometry.scale * factor) + 1  # one CAM pixel in original pixels
+    assert abs(px + 0.5 - point[0]) <= tolerance and abs(py + 0.5 - point[1]) <= tolerance
+
+
+def test_box_to_input_follows_the_geometry():
+    image = np.full((100, 200), 0.5, dtype=np.float32)  # wide: padded top and bottom
+    square, geometry = normalize_geometry(image, "cxr", 64)
+    x0, y0, x1, y1 = box_to_input((0, 0, 200, 100), geometry, 64, 32)
+    assert (x0, x1) == pytest.approx((0, 32), abs=0.5) and (y0, y1) == pytest.approx((8, 24), abs=0.5)
+
+
+def test_pointing_game_and_iou():
+    cam = np.zeros((10, 10), dtype=np.float32)
+    cam[2:4, 2:4] = 0.6
+    cam[3, 3] = 1.0
+    assert pointing_game_hit(cam, (2, 2, 5, 5))
+    assert not pointing_game_hit(cam, (5, 5, 9, 9))
+    assert pointing_game_hit(cam, (5, 5, 9, 9), tolerance=2)
+    assert not pointing_game_hit(np.zeros((10, 10)), (0, 0, 10, 10))  # an all-zero map points nowhere
+    assert cam_box_iou(cam, (2, 2, 4, 4), threshold=0.5) == pytest.approx(1.0)
+    assert cam_box_iou(cam, (2, 2, 6, 4), threshold=0.5) == pytest.approx(0.5)
+    assert cam_box_iou(np.zeros((10, 10)), (0, 0, 2, 2)) == 0.0
+
+
+def test_figure_handles_grey_colour_and_no_positive_words(tmp_path):
+    cam = _blob(48, 20, 30, sigma=6)
+    words = TextRelevance(words=["no", "effusion."], scores=np.zeros(2, dtype=np.float32),
+                          signed=np.array([-1.0, -0.5], dtype=np.float32))
+    assert not words.any_positive
+    grey = save_gradcam_figure(tmp_path / "g.png", np.random.default_rng(0).random((48, 48)), cam, words,
+                               boxes=[(10, 20, 30, 40)])
+    colour = save_gradcam_figure(tmp_path / "c.png", np.random.default_rng(0).random((48, 48, 3)), cam, None)
+    assert grey.stat().st_size > 10_000 and colour.stat().st_size > 5_000

@@ -1,0 +1,276 @@
+"""The embedded synthetic dataset: determinism, DICOM encoding, labels/boxes, reports, splits,
+idempotence, and that no single global pixel statistic predicts a finding."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from medclipin.data.manifest import read_manifest
+from medclipin.data.synthetic import (
+    CLASS_NAMES,
+    SyntheticDatasetError,
+    generate_synthetic_dataset,
+    synthesize_study,
+)
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    manifest_path = generate_synthetic_dataset(out, n_patients=60, image_size=SIZE, seed=3)
+    return out, read_manifest(manifest_path)
+
+
+def test_class_names_fixed():
+    assert CLASS_NAMES == ("Pleural Effusion", "Cardiomegaly", "Nodule", "Pneumothorax", "Consolidation")
+
+
+def test_layout_and_manifests(dataset):
+    out, manifest = dataset
+    assert (out / "synthetic.json").is_file() and (out / "labels.csv").is_file()
+    png = read_manifest(out / "manifest_png.csv")
+    assert manifest.label_names == list(CLASS_NAMES) == png.label_names
+    assert [r.record_id for r in manifest.records] == [r.record_id for r in png.records]
+    for rec, rec_png in zip(manifest.records, png.records):
+        assert rec.image_path.endswith(".dcm") and rec_png.image_path.endswith(".png")
+        assert (rec.labels, rec.boxes, rec.split, rec.findings) == (rec_png.labels, rec_png.boxes, rec_png.split, rec_png.findings)
+    with open(out / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["study_id"] for r in rows] == [r.study_id for r in manifest.records]
+    for row, rec in zip(rows, manifest.records):
+        assert all(int(row[c]) == int(rec.labels[c]) for c in CLASS_NAMES)
+    meta = json.loads((out / "synthetic.json").read_text())
+    assert meta["parameters"] == {"n_patients": 60, "image_size": SIZE, "seed": 3}
+    assert meta["counts"]["studies"] == len(manifest)
+
+
+def test_deterministic(tmp_path):
+    a = generate_synthetic_dataset(tmp_path / "a", n_patients=10, image_size=SIZE, seed=7)
+    b = generate_synthetic_dataset(tmp_path / "b", n_patients=10, image_size=SIZE, seed=7)
+    assert a.read_text() == b.read_text()
+    assert (a.parent / "labels.csv").read_text() == (b.parent / "labels.csv").read_text()
+    for rec in read_manifest(a).records:
+        name = rec.study_id
+        da = pydicom.dcmread(a.parent / "dicom" / f"{name}.dcm")
+        db = pydicom.dcmread(b.parent / "dicom" / f"{name}.dcm")
+        np.testing.assert_array_equal(da.pixel_array, db.pixel_array)
+        assert da.SOPInstanceUID == db.SOPInstanceUID
+        np.testing.assert_array_equal(np.asarray(Image.open(a.parent / "png" / f"{name}.png")),
+                                      np.asarray(Image.open(b.parent / "png" / f"{name}.png")))
+    # a study does not depend on which other studies are generated
+    c = read_manifest(generate_synthetic_dataset(tmp_path / "c", n_patients=4, image_size=SIZE, seed=7))
+    first = {r.study_id: r for r in read_manifest(a).records}
+    for rec in c.records:
+        assert (rec.findings, rec.impression, rec.boxes) == (first[rec.study_id].findings,
+                                                             first[rec.study_id].impression, first[rec.study_id].boxes)
+    other = generate_synthetic_dataset(tmp_path / "d", n_patients=10, image_size=SIZE, seed=8)
+    assert other.read_text() != a.read_text()
+
+
+def test_dicom_attributes(dataset):
+    out, manifest = dataset
+    seen = set()
+    for rec in manifest.records:
+        ds = pydicom.dcmread(rec.image_path)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.Modality == "CR" and ds.ViewPosition in ("PA", "AP") and ds.ViewPosition == rec.view
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 12, 11, 0)
+        assert (ds.Rows, ds.Columns) == (SIZE, SIZE)
+        assert float(ds.RescaleSlope) == 1.0 and float(ds.RescaleIntercept) == 0.0
+        assert ds.PatientID == rec.patient_id and ds.PatientID.startswith("SYN")
+        pixels = ds.pixel_array
+        assert pixels.dtype == np.uint16 and int(pixels.max()) < 4096
+        seen.add(ds.PhotometricInterpretation)
+    assert seen == {"MONOCHROME1", "MONOCHROME2"}
+
+
+def _windowed(ds) -> np.ndarray:
+    """DICOM linear VOI with the first window, inverted for MONOCHROME1: the displayed image in [0, 1]."""
+    x = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    c, w = float(ds.WindowCenter), float(ds.WindowWidth)
+    y = np.clip((x - (c - 0.5)) / (w - 1) + 0.5, 0.0, 1.0)
+    return 1.0 - y if ds.PhotometricInterpretation == "MONOCHROME1" else y
+
+
+def test_monochrome1_renders_like_png(dataset):
+    out, manifest = dataset
+    checked = {"MONOCHROME1": 0, "MONOCHROME2": 0}
+    for rec in manifest.records:
+        ds = pydicom.dcmread(rec.image_path)
+        png = np.asarray(Image.open(out / "png" / f"{rec.study_id}.png"), dtype=np.float64) / 255.0
+        shown = _windowed(ds)
+        assert np.abs(shown - png).max() <= 1.0 / 255.0 + 1e-6
+        if ds.PhotometricInterpretation == "MONOCHROME1":
+            # stored values are inverted: the raw (un-inverted) image is the negative of the PNG
+            raw = ds.pixel_array.astype(np.float64)
+            assert np.corrcoef(raw.ravel(), png.ravel())[0, 1] < -0.99
+        checked[ds.PhotometricInterpretation] += 1
+    assert min(checked.values()) > 0
+
+
+def test_boxes_match_labels(dataset):
+    _, manifest = dataset
+    for rec in manifest.records:
+        boxed = {b.label for b in rec.boxes}
+        assert boxed == set(rec.positive_labels()), rec.record_id
+        for b in rec.boxes:
+            x0, y0, x1, y1 = b.box
+            assert 0 <= x0 < x1 <= SIZE and 0 <= y0 < y1 <= SIZE
+        assert all(rec.labels[c] in (0.0, 1.0) for c in CLASS_NAMES)
+
+
+def test_every_class_and_normals_present(dataset):
+    _, manifest = dataset
+    n = len(manifest)
+    normal = sum(1 for r in manifest.records if not r.positive_labels())
+    assert 0.15 * n <= normal <= 0.45 * n
+    for name in CLASS_NAMES:
+        assert sum(1 for r in manifest.records if r.labels[name] == 1.0) >= 5, name
+    assert any(len(r.positive_labels()) >= 2 for r in manifest.records)
+
+
+def test_reports(dataset):
+    _, manifest = dataset
+    negations = 0
+    for rec in manifest.records:
+        assert rec.findings.strip() and rec.impression.strip()
+        lower = rec.findings.lower()
+        negations += ("no pleural effusion" in lower or "without pneumothorax" in lower or "no pneumothorax" in lower)
+        if not rec.positive_labels():
+            assert any(p in rec.impression for p in ("No acute", "Normal chest", "No radiographic evidence"))
+        else:
+            assert "No acute" not in rec.impression
+        for name in rec.positive_labels():
+            word = {"Pleural Effusion": "effusion", "Cardiomegaly": ("cardiomegaly", "enlarged", "increased"),
+                    "Nodule": "nodule", "Pneumothorax": "pneumothorax", "Consolidation": "consolidation"}[name]
+            words = (word,) if isinstance(word, str) else word
+            assert any(w in (rec.findings + " " + rec.impression).lower() for w in words), (rec.record_id, name)
+    assert negations >= len(manifest) // 4
+
+
+def test_report_sides_follow_the_image():
+    """Patient's right is on the image left: a nodule reported on the right lies left of centre."""
+    checked = 0
+    for patient in range(80):
+        study = synthesize_study(11, patient, 0, SIZE)
+        if [b.label for b in study.boxes] != ["Nodule"]:
+            continue
+        box = study.boxes[0].box
+        x_centre = (box[0] + box[2]) / 2
+        words = set(study.findings.lower().replace(".", " ").split())
+        if "right" in words and "left" not in words:
+            assert x_centre < SIZE * 0.55
+            checked += 1
+        elif "left" in words and "right" not in words:
+            assert x_centre > SIZE * 0.45
+            checked += 1
+    assert checked >= 3
+
+
+def test_splits_by_patient(dataset):
+    _, manifest = dataset
+    split_of: dict[str, set] = {}
+    for rec in manifest.records:
+        split_of.setdefault(rec.patient_id, set()).add(rec.split)
+    assert all(len(s) == 1 for s in split_of.values())
+    per_split = {s: sum(1 for v in split_of.values() if s in v) for s in ("train", "validate", "test")}
+    assert per_split == {"train": 42, "validate": 6, "test": 12}
+    studies_per_patient = {p: sum(1 for r in manifest.records if r.patient_id == p) for p in split_of}
+    assert set(studies_per_patient.values()) <= {1, 2} and 2 in studies_per_patient.values()
+
+
+def test_study_count_scale():
+    from medclipin.data.synthetic import _n_studies
+
+    total = sum(_n_studies(0, p) for p in range(1600))
+    assert 2200 <= total <= 2600
+
+
+def test_idempotent_and_parameter_mismatch(tmp_path):
+    out = tmp_path / "ds"
+    manifest = generate_synthetic_dataset(out, n_patients=5, image_size=SIZE, seed=1)
+    stamp = (out / "synthetic.json").stat().st_mtime_ns
+    dcm = sorted((out / "dicom").glob("*.dcm"))[0]
+    dcm_stamp = dcm.stat().st_mtime_ns
+    assert generate_synthetic_dataset(out, n_patients=5, image_size=SIZE, seed=1) == manifest
+    assert (out / "synthetic.json").stat().st_mtime_ns == stamp and dcm.stat().st_mtime_ns == dcm_stamp
+    with pytest.raises(SyntheticDatasetError, match="overwrite"):
+        generate_synthetic_dataset(out, n_patients=6, image_size=SIZE, seed=1)
+    generate_synthetic_dataset(out, n_patients=3, image_size=SIZE, seed=1, overwrite=True)
+    assert json.loads((out / "synthetic.json").read_text())["parameters"]["n_patients"] == 3
+    assert len(list((out / "dicom").glob("*.dcm"))) == len(read_manifest(manifest))
+
+
+def test_interrupted_generation_is_not_complete(tmp_path):
+    out = tmp_path / "ds"
+    generate_synthetic_dataset(out, n_patients=3, image_size=SIZE, seed=2)
+    expected = (out / "manifest.csv").read_text()
+    (out / "synthetic.json").unlink()  # as if killed before the last write
+    (out / "png" / sorted(p.name for p in (out / "png").glob("*.png"))[0]).unlink()
+    generate_synthetic_dataset(out, n_patients=3, image_size=SIZE, seed=2)
+    assert (out / "synthetic.json").is_file() and (out / "manifest.csv").read_text() == expected
+    assert len(list((out / "png").glob("*.png"))) == len(list((out / "dicom").glob("*.dcm")))
+
+
+def test_no_single_global_statistic_separates_a_class():
+    """Random exposure/gamma/window, habitus and noise: a model must look at the lesion.
+
+    For each class, the ROC AUC of each global statistic (either direction) stays below 0.75."""
+    from sklearn.metrics import roc_auc_score
+
+    stats: dict[str, list[float]] = {k: [] for k in ("mean", "std", "p10", "p50", "p90")}
+    labels: dict[str, list[int]] = {c: [] for c in CLASS_NAMES}
+    for patient in range(300):
+        study = synthesize_study(5, patient, 0, SIZE)
+        image = study.rendered.astype(np.float64)
+        p10, p50, p90 = np.percentile(image, (10, 50, 90))
+        for key, value in zip(stats, (image.mean(), image.std(), p10, p50, p90)):
+            stats[key].append(value)
+        for c in CLASS_NAMES:
+            labels[c].append(study.labels[c])
+    for c in CLASS_NAMES:
+        assert 20 <= sum(labels[c]) <= 280
+        for key, values in stats.items():
+            auc = roc_auc_score(labels[c], values)
+            assert max(auc, 1.0 - auc) < 0.75, (c, key, auc)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        generate_synthetic_dataset(tmp_path / "x", n_patients=0)
+    with pytest.raises(ValueError):
+        generate_synthetic_dataset(tmp_path / "x", n_patients=2, image_size=16)
+
+
+def test_cli_summary_has_counts_not_text(tmp_path, capsys):
+    from medclipin.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--patients", "4", "--size", str(SIZE)]) == 0
+    printed = capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "cli" / "manifest.csv")
+    assert "train" in printed and "Nodule" in printed
+    for rec in manifest.records:
+        assert rec.findings not in printed and rec.impression not in printed
+        assert rec.patient_id not in printed
+    assert main(["synth", "--out", str(tmp_path / "cli"), "--patients", "5", "--size", str(SIZE)]) == 1
+
+
+def test_prompt_file_matches_classes():
+    import yaml
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "datasets" / "synthetic" / "prompts.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data["name"] == "synthetic-cxr" and data["mode"] == "multilabel"
+    assert tuple(data["classes"]) == CLASS_NAMES
+    for entry in data["classes"].values():
+        assert entry["positive"] and entry["negative"]
+    assert all("{}" in t for t in data["templates"])

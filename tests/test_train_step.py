@@ -1,0 +1,218 @@
+"""One optimiser step: accumulation, clipping, the non-finite guard, precision and autocast; feedback files."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from medclipin.config import TrainConfig
+from medclipin.models.model import ModelOutput
+from medclipin.train.distributed import DistInfo
+from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
+from medclipin.train.optim import build_scheduler
+from medclipin.train.step import (
+    NonFiniteLossError,
+    TrainStep,
+    autocast_context,
+    fast_bf16_available,
+    resolve_precision,
+)
+
+CPU = torch.device("cpu")
+
+
+class Toy(nn.Module):
+    """A regression 'model' with the MedClipModel calling convention (batch dict in, ModelOutput out)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 1)
+        self.after_calls = []
+        self.poison = 0.0  # added to the loss: set to nan to inject a non-finite loss
+
+    def forward(self, batch):
+        prediction = self.linear(batch["image"]).squeeze(-1)
+        loss = ((prediction - batch["target"]) ** 2).mean() + self.poison
+        return ModelOutput(loss=loss, terms={"mse": loss.detach()}, stats={})
+
+    def after_optimizer_step(self, step, total):
+        self.after_calls.append(step)
+
+
+def make_step(model, **train):
+    cfg = TrainConfig(**{"steps": 10, "warmup_steps": 0, "lr": 0.1, "grad_clip": 0.0, **train})
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return TrainStep(model, model, optimizer, scheduler, scaler, cfg, "fp32", CPU, DistInfo()), optimizer
+
+
+def batches(n, size, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n * size, 4, generator=g), torch.randn(n * size, generator=g)
+    return [{"image": x[i * size:(i + 1) * size], "target": y[i * size:(i + 1) * size]} for i in range(n)]
+
+
+def test_gradient_accumulation_equals_the_big_batch_for_a_per_sample_loss():
+    # MSE is a mean over samples, so 2 micro-batches of 4 accumulate to exactly one batch of 8.
+    # (A contrastive loss is not per-sample: accumulated micro-batches never see each other's negatives.)
+    small = batches(2, 4)
+    big = [{k: torch.cat([b[k] for b in small]) for k in small[0]}]
+    accumulated, full = Toy(), Toy()
+    step_a, _ = make_step(accumulated, grad_accum=2)
+    step_f, _ = make_step(full, grad_accum=1)
+    out_a = step_a(iter(small).__next__, 0)
+    out_f = step_f(iter(big).__next__, 0)
+    assert out_a.applied and out_f.applied
+    assert out_a.loss.item() == pytest.approx(out_f.loss.item(), rel=1e-6)
+    assert out_a.samples == out_f.samples == 8
+    for pa, pf in zip(accumulated.parameters(), full.parameters()):
+        assert torch.allclose(pa, pf, atol=1e-6)
+    assert accumulated.after_calls == [1]
+
+
+def test_gradient_clipping_bounds_the_update_and_reports_the_raw_norm():
+    model = Toy()
+    data = batches(1, 8)
+    data[0]["target"] = data[0]["target"] + 100.0  # a huge gradient
+    step, optimizer = make_step(model, grad_clip=0.5, lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    outcome = step(iter(data).__next__, 0)
+    assert outcome.grad_norm.item() > 10  # the norm before clipping
+    moved = torch.sqrt(sum(((p - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert moved.item() == pytest.approx(0.5, rel=1e-4)  # SGD lr 1: the update is the clipped gradient
+
+
+def test_non_finite_loss_skips_the_update_counts_it_and_resets():
+    model = Toy()
+    step, _ = make_step(model, max_nonfinite_steps=3)
+    data = iter(batches(6, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    model.poison = float("nan")
+    for expected in (1, 2):
+        outcome = step(data.__next__, 0)
+        assert not outcome.applied and step.consecutive_nonfinite == expected
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # no update happened
+    assert model.after_calls == []  # nor an EMA update
+    model.poison = 0.0
+    assert step(data.__next__, 0).applied
+    assert step.consecutive_nonfinite == 0 and step.nonfinite_total == 2
+
+
+def test_consecutive_non_finite_losses_stop_with_a_clear_message():
+    model = Toy()
+    model.poison = float("inf")
+    step, _ = make_step(model, max_nonfinite_steps=2)
+    data = iter(batches(4, 4))
+    step(data.__next__, 5)
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive non-finite losses at step 6.*last good step \(5\)"):
+        step(data.__next__, 5)
+
+
+def test_non_finite_gradient_with_finite_loss_is_skipped_too():
+    model = Toy()
+    step, _ = make_step(model, max_nonfinite_steps=5)
+    model.linear.weight.register_hook(lambda g: g * float("nan"))
+    assert not step(iter(batches(1, 4)).__next__, 0).applied
+
+
+def test_precision_resolution():
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    assert resolve_precision("auto", CPU) == ("bf16" if fast_bf16_available(CPU) else "fp32")
+    with pytest.raises(ValueError, match="train.precision"):
+        resolve_precision("fp8", CPU)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        autocast_context("fp16", CPU)
+
+
+def test_bf16_autocast_path_is_correct_on_tiny_tensors():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with autocast_context("bf16", CPU):
+        low = layer(x)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), layer(x), atol=5e-2, rtol=2e-2)
+    with autocast_context("fp32", CPU):
+        assert layer(x).dtype == torch.float32
+
+
+def test_bf16_train_step_updates_like_fp32():
+    results = {}
+    for precision in ("fp32", "bf16"):
+        model = Toy()
+        step, _ = make_step(model)
+        step.precision = precision
+        outcome = step(iter(batches(1, 8)).__next__, 0)
+        assert outcome.applied and outcome.loss.dtype == torch.float32
+        results[precision] = (outcome.loss.item(), model.linear.weight.detach().clone())
+    assert results["bf16"][0] == pytest.approx(results["fp32"][0], rel=3e-2)
+    assert torch.allclose(results["bf16"][1], results["fp32"][1], atol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_fp16_style_scaler_skips_an_overflowing_step_without_counting_it(monkeypatch):
+    # fp16 compute needs a GPU, but the GradScaler logic is device-independent: an inf gradient makes
+    # the scaler skip optimizer.step() and lower its scale; it is not a "non-finite loss".
+    import contextlib
+
+    import medclipin.train.step as step_module
+
+    monkeypatch.setattr(step_module, "autocast_context", lambda precision, device: contextlib.nullcontext())
+    model = Toy()
+    step, optimizer = make_step(model)
+    step.precision = "fp16"
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    handle = model.linear.weight.register_hook(lambda g: g * float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    outcome = step(iter(batches(1, 4)).__next__, 0)
+    assert outcome.applied and step.nonfinite_total == 0
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert step.scaler.get_scale() < 2.0 ** 4
+    handle.remove()
+    step(iter(batches(1, 4)).__next__, 1)
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# ------------------------------------------------------------------ feedback
+def test_metrics_log_appends_and_truncates_torn_rows(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv")
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step, "lr": 0.1})
+    with (tmp_path / "metrics.csv").open("a") as handle:
+        handle.write("1")  # a row torn by a kill: "1" of step "16"
+    log.truncate_after(3)
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
+    again = MetricsLog(tmp_path / "metrics.csv")
+    again.write({"step": 4, "loss": 0.25, "lr": 0.1, "extra": 1})  # columns stay those of the file
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[-1] == "4,0.25,0.1"
+
+
+def test_progress_plain_lines_have_rate_and_eta():
+    stream = io.StringIO()
+    bar = Progress(total=10, initial=0, enabled=True, stream=stream)
+    bar.update(5, {"loss": "1.000", "lr": "1e-3", "samples/s": "8.0"})
+    bar.close()
+    line = stream.getvalue().strip()
+    assert line.startswith("step 5/10 loss=1.000 lr=1e-3 samples/s=8.0 eta=")
+    quiet = io.StringIO()
+    Progress(total=10, initial=0, enabled=False, stream=quiet).update(5, {"loss": "1"})
+    assert quiet.getvalue() == ""
+
+
+def test_tensorboard_is_optional(tmp_path):
+    board = TensorBoardLog(tmp_path / "tb")
+    board.write({"step": 1, "loss": 0.5}, 1)  # no-op without tensorboard, scalars with it
+    board.close()
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert board.writer is None and not (tmp_path / "tb").exists()
+    else:
+        assert any((tmp_path / "tb").iterdir())
