@@ -134,6 +134,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.save({kind: _run_steps(kind, rank, WORLD, steps=2) for kind in KINDS}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks finish their collectives before either tears gloo down: a rank that exits while
+        # its peer still has work in flight can abort (SIGABRT, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

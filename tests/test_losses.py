@@ -366,6 +366,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             img, txt = _nclip_inputs() if name == "nclip" else _global_batch()
             results[name] = _run_losses(img[rows], txt[rows], name)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks finish their collectives before either tears gloo down: a rank that exits while
+        # its peer still has work in flight can abort (SIGABRT, seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
