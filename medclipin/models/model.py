@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medclipin.atomic import replace_directory
 from medclipin.config import ImageConfig, ModelConfig, TextConfig, config_to_dict, _build
 from medclipin.losses import (
     LossWeights,
@@ -255,7 +256,7 @@ class MedClipModel(nn.Module):
             (staging / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging))
-            _replace_directory(staging, directory)
+            replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -290,15 +291,3 @@ def _disable_grad_checkpointing(module: nn.Module) -> None:
                                                  for m in module.model.modules()):
         disable = getattr(module.model, "activation_checkpointing_disable", None) or module.model.gradient_checkpointing_disable
         disable()
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``; an existing folder is swapped out, then removed."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medclipin.atomic import replace_directory
 from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, MedClipModel
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,7 @@ def save_checkpoint(run_dir, step: int, model: MedClipModel, tokenizer, training
         model.save_pretrained(staging / "model", tokenizer=tokenizer)
         torch.save({**training_state, "step": step}, staging / STATE_NAME)
         _fsync_tree(staging)
-        if final.exists():  # re-saving a step (a run resumed from an older checkpoint): swap, never delete first
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        replace_directory(staging, final)  # re-saving a step (a resumed run) swaps, never deletes first
         _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
