@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from medclipin.errors import MedclipinError
+
 # name -> (module, one-line help). Order is the order shown in --help.
 COMMANDS = {
     "demo": ("demo", "generate the synthetic set, pretrain CLIPin, evaluate, write metrics.json"),
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except MedclipinError as exc:  # bad input or settings: the message names the file/field and the problem
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

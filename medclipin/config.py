@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from medclipin.errors import MedclipinError
 
-class ConfigError(ValueError):
+
+class ConfigError(MedclipinError, ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 

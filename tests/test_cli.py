@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,31 @@ def test_no_command_prints_help_and_fails(capsys):
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "medclipin", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+def test_every_user_error_exits_2_with_its_message(capsys, tmp_path):
+    """One handler in the CLI: each module's input error is a MedclipinError, printed without a traceback."""
+    from medclipin.config import ConfigError
+    from medclipin.data.cache import CacheError
+    from medclipin.data.manifest import ManifestError
+    from medclipin.data.prepare.common import PrepareError
+    from medclipin.data.readers import ImageReadError
+    from medclipin.data.synthetic import SyntheticDatasetError
+    from medclipin.data.tokenizer import TokenizerError
+    from medclipin.errors import MedclipinError
+    from medclipin.eval.zeroshot import PromptFileError
+    from medclipin.models.encoders import EncoderLoadError
+    from medclipin.train.step import NonFiniteLossError
+
+    for error in (ConfigError, CacheError, ManifestError, PrepareError, ImageReadError, SyntheticDatasetError,
+                  TokenizerError, PromptFileError, EncoderLoadError, NonFiniteLossError):
+        assert issubclass(error, MedclipinError), error
+    missing = tmp_path / "missing.csv"
+    for argv in (["validate", str(missing)], ["preprocess", "--manifest", str(missing), "--size", "64", "--out", str(tmp_path / "c")],
+                 ["tokenizer", "train", "--manifest", str(missing), "--vocab-size", "100", "--out", str(tmp_path / "t")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
+    demo_config = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert main(["pretrain", "--config", demo_config, "--out", str(tmp_path / "run"), "train.batchsize=3"]) == 2
+    assert "did you mean 'train.batch_size'" in capsys.readouterr().err

@@ -132,16 +132,8 @@ def build_medclipin_contender(name: str, cfg: Config, device: torch.device, prec
         model.zero_grad(set_to_none=True)
 
     c.step, c.loss_backward = step, loss_backward
-    c.info = {
-        "implementation": "medclipin.models.MedClipModel + train.optim.build_optimizer + train.step.TrainStep",
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "params_total": sum(p.numel() for p in model.parameters()),
-        "optimizer": _describe_optimizer(optimizer),
-        "attention": {
-            "image_fused_attn": _timm_fused_attn(model.image_encoder.model),
-            "text_attn_implementation": _hf_attn(model.text_encoder.model),
-        },
-    }
+    c.info = _contender_info("medclipin.models.MedClipModel + train.optim.build_optimizer + train.step.TrainStep",
+                             model, optimizer, model.image_encoder.model, model.text_encoder.model)
     return c
 
 
@@ -257,17 +249,22 @@ def build_open_clip_contender(cfg: Config, device: torch.device, precision: str,
     c.step, c.loss_backward = step, loss_backward
     import open_clip
 
-    c.info = {
-        "implementation": f"open_clip {open_clip.__version__} CustomTextCLIP(TimmModel, HFTextEncoder) + open_clip.loss.ClipLoss",
+    c.info = _contender_info(
+        f"open_clip {open_clip.__version__} CustomTextCLIP(TimmModel, HFTextEncoder) + open_clip.loss.ClipLoss",
+        model, optimizer, model.visual.trunk, model.text.transformer)
+    return c
+
+
+def _contender_info(implementation: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    vit: nn.Module, hf_model: nn.Module) -> dict:
+    """What a contender is: implementation, parameter counts, optimiser flags, attention kernels."""
+    return {
+        "implementation": implementation,
         "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params_total": sum(p.numel() for p in model.parameters()),
         "optimizer": _describe_optimizer(optimizer),
-        "attention": {
-            "image_fused_attn": _timm_fused_attn(model.visual.trunk),
-            "text_attn_implementation": _hf_attn(model.text.transformer),
-        },
+        "attention": {"image_fused_attn": _timm_fused_attn(vit), "text_attn_implementation": _hf_attn(hf_model)},
     }
-    return c
 
 
 def _describe_optimizer(optimizer: torch.optim.Optimizer) -> str:

@@ -63,7 +63,7 @@ def _summary(result: dict, keys: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medclipin.config import ConfigError, load_config
+    from medclipin.config import load_config
 
     if args.bench is None:
         print("usage: medclipin bench {train,eval,io} ... (see medclipin bench --help)", file=sys.stderr)
@@ -77,11 +77,7 @@ def run(args: argparse.Namespace) -> int:
         run_io_benchmark(args.json, args.workers, args.size)  # prints its own table
         print(f"wrote {args.json}", file=sys.stderr)
         return 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.bench == "train":
         from medclipin.bench.train import profile_contender, run_train_benchmark
 

@@ -92,13 +92,9 @@ def _batch(args) -> int:
     from medclipin.eval.evaluate import check_prompt_classes, gradcam_localisation
     from medclipin.eval.report import gradcam_markdown, write_json
     from medclipin.eval.session import load_split, open_store, run_info
-    from medclipin.eval.zeroshot import PromptFileError, load_prompts
+    from medclipin.eval.zeroshot import load_prompts
 
-    try:
-        prompts = load_prompts(args.prompts)
-    except PromptFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    prompts = load_prompts(args.prompts)
     _, records = load_split(args.manifest, args.split)
     try:
         check_prompt_classes(records, prompts)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from medclipin.data.manifest import write_manifest
-from medclipin.data.prepare import DATASETS, PrepareError, adapter
+from medclipin.data.prepare import DATASETS, adapter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,11 +54,7 @@ def print_summary(dataset: str, out: Path, summary: dict, stream=None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module = adapter(args.dataset)
-    try:
-        result = module.prepare(args)
-    except PrepareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = module.prepare(args)
     out = Path(args.out)
     write_manifest(out, result.records, result.label_names, relative_paths=not args.absolute_paths)
     summary = {"dataset": args.dataset, **result.summary()}
@@ -74,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``medclipin prepare`` on its own (tests, scripts)."""
-    parser = argparse.ArgumentParser(prog="medclipin prepare", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Run ``medclipin prepare`` on its own (tests, scripts): the same parsing and error handling as the CLI."""
+    from medclipin.cli import main as cli_main
+
+    return cli_main(["prepare", *(sys.argv[1:] if argv is None else argv)])

@@ -8,7 +8,6 @@ Example: medclipin preprocess --manifest data/manifest.csv --size 512 --out cach
 from __future__ import annotations
 
 import os
-import sys
 
 
 def add_arguments(parser) -> None:
@@ -27,21 +26,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.data.cache import CacheError, build_cache
-    from medclipin.data.manifest import ManifestError, read_manifest
+    from medclipin.data.cache import build_cache
+    from medclipin.data.manifest import read_manifest
 
-    try:
-        manifest = read_manifest(args.manifest)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(args.manifest)
     paths = [record.image_path for record in manifest.records]
-    try:
-        summary = build_cache(paths, args.out, size=args.size, domain=args.domain, channels=args.channels,
-                              window=args.window, workers=args.workers, progress=not args.quiet)
-    except CacheError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    summary = build_cache(paths, args.out, size=args.size, domain=args.domain, channels=args.channels,
+                          window=args.window, workers=args.workers, progress=not args.quiet)
     print(f"{args.out}: {summary.line()} in {summary.seconds:.1f} s")
     if summary.rejected:
         # counts only on the console: file paths can contain patient identifiers

@@ -20,7 +20,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.config import ConfigError, load_config
+    from medclipin.config import load_config
     from medclipin.train.distributed import detect
     from medclipin.train.trainer import NonFiniteLossError, pretrain
 
@@ -28,11 +28,7 @@ def run(args) -> int:
     # one voice per run: the other ranks only report warnings and errors
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     validate_fn = None
     if not args.no_validate:
         from medclipin.data.manifest import read_manifest

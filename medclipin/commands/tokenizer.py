@@ -13,9 +13,9 @@ import argparse
 import sys
 import time
 
-from medclipin.data.manifest import ManifestError, read_manifest
+from medclipin.data.manifest import read_manifest
 from medclipin.data.reports import record_text
-from medclipin.data.tokenizer import TokenizerError, train_wordpiece_tokenizer
+from medclipin.data.tokenizer import train_wordpiece_tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,11 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        manifest = read_manifest(args.manifest)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    manifest = read_manifest(args.manifest)
     texts = [t for t in (record_text(r, tuple(args.sections)) for r in manifest.split("train")) if t]
     # several images of one study share the report: deduplicate so repeated reports don't skew counts
     unique = list(dict.fromkeys(texts))
@@ -46,20 +42,15 @@ def run(args: argparse.Namespace) -> int:
         print("error: the manifest's train split has no text in the chosen sections", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    try:
-        tokenizer = train_wordpiece_tokenizer(unique, args.vocab_size, args.out, lowercase=not args.cased,
-                                              min_frequency=args.min_frequency,
-                                              model_max_length=args.model_max_length)
-    except TokenizerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    tokenizer = train_wordpiece_tokenizer(unique, args.vocab_size, args.out, lowercase=not args.cased,
+                                          min_frequency=args.min_frequency, model_max_length=args.model_max_length)
     print(f"trained WordPiece on {len(unique)} unique train texts ({len(texts)} records): "
           f"vocab {tokenizer.vocab_size} in {time.perf_counter() - start:.2f} s -> {args.out}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``medclipin tokenizer`` on its own (tests, scripts)."""
-    parser = argparse.ArgumentParser(prog="medclipin tokenizer", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Run ``medclipin tokenizer`` on its own (tests, scripts): the same parsing and error handling as the CLI."""
+    from medclipin.cli import main as cli_main
+
+    return cli_main(["tokenizer", *(sys.argv[1:] if argv is None else argv)])

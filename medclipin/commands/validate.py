@@ -14,7 +14,6 @@ import json
 import sys
 from pathlib import Path
 
-from medclipin.data.manifest import ManifestError
 from medclipin.data.validate import ValidationReport, validate_manifest
 
 
@@ -47,11 +46,7 @@ def print_report(report: ValidationReport, stream=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        report = validate_manifest(args.manifest, check_all=args.all, sample=args.sample, seed=args.seed)
-    except ManifestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = validate_manifest(args.manifest, check_all=args.all, sample=args.sample, seed=args.seed)
     print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``medclipin validate`` on its own (tests, scripts)."""
-    parser = argparse.ArgumentParser(prog="medclipin validate", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """Run ``medclipin validate`` on its own (tests, scripts): the same parsing and error handling as the CLI."""
+    from medclipin.cli import main as cli_main
+
+    return cli_main(["validate", *(sys.argv[1:] if argv is None else argv)])

@@ -33,15 +33,11 @@ def run(args) -> int:
     from medclipin.eval.evaluate import zero_shot
     from medclipin.eval.report import plot_roc, write_json, zeroshot_markdown
     from medclipin.eval.session import load_split, open_store, run_info
-    from medclipin.eval.zeroshot import PromptFileError, load_prompts
+    from medclipin.eval.zeroshot import load_prompts
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    try:
-        prompts = load_prompts(args.prompts)
-    except PromptFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    prompts = load_prompts(args.prompts)
     _, records = load_split(args.manifest, args.split)
     store, model_dir, cache_dir = open_store(args, out)
     try:

@@ -30,7 +30,6 @@ import csv
 import json
 import multiprocessing
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Iterable
 import cv2
 import numpy as np
 
+from medclipin.atomic import atomic_open
+from medclipin.errors import MedclipinError
 from medclipin.config import ImageConfig
 from medclipin.data.geometry import DOMAINS, GeometryInfo, normalize_geometry
 from medclipin.data.readers import ImageReadError, read_image
@@ -50,7 +51,7 @@ INDEX_FIELDS = ("shard", "row", "file_size", "mtime_ns", "height", "width", "x0"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-class CacheError(LookupError):
+class CacheError(MedclipinError, LookupError):
     """The cache is missing, incompatible with the configuration, or lacks an image (message says what to run)."""
 
 
@@ -104,18 +105,8 @@ class CacheSummary:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared with other users and jobs
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", fsync=True, encoding="utf-8") as handle:
+        json.dump(payload, handle, separators=(",", ":"))
 
 
 def read_cache_meta(cache_dir: str | os.PathLike) -> dict:
@@ -302,13 +293,10 @@ def build_cache(
 
 
 def _write_rejects(path: Path, rejects: list[tuple[str, str]]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rejects.", suffix=".tmp")
-    os.chmod(tmp, 0o644)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "reason"])
         writer.writerows(rejects)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------- the source

@@ -12,10 +12,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from medclipin.atomic import atomic_open
+from medclipin.errors import MedclipinError
 
 LABEL_PREFIX = "label:"
 SPLITS = ("train", "validate", "test")
@@ -32,7 +34,7 @@ BASE_COLUMNS = (
 )
 
 
-class ManifestError(ValueError):
+class ManifestError(MedclipinError, ValueError):
     """A manifest file is malformed; the message names the file, the row and the field."""
 
 
@@ -229,19 +231,12 @@ def write_manifest(
     base_dir = path.resolve().parent if relative_paths else None
     rows = [_row_from_record(r, label_names, base_dir) for r in records]
     columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            if path.suffix == ".jsonl":
-                for row in rows:
-                    handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            else:
-                writer = csv.DictWriter(handle, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
     return path

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medclipin.errors import MedclipinError
+
 WINDOWS = ("first", "percentile", "none")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -29,7 +31,7 @@ DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic", "")
 PERCENTILE_WINDOW = (0.5, 99.5)
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MedclipinError, ValueError):
     """An image file cannot be read. The message names the file, (for DICOM) the transfer syntax, and the reason."""
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -30,6 +28,9 @@ import numpy as np
 from scipy import ndimage
 
 from .manifest import Box, Record, write_manifest
+
+from medclipin.atomic import atomic_open
+from medclipin.errors import MedclipinError
 
 __all__ = [
     "CLASS_NAMES",
@@ -59,7 +60,7 @@ _CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 _METADATA_FILE = "synthetic.json"
 
 
-class SyntheticDatasetError(FileExistsError):
+class SyntheticDatasetError(MedclipinError, FileExistsError):
     """The output folder holds a synthetic dataset made with other parameters (and overwrite is False)."""
 
 
@@ -906,15 +907,8 @@ def _is_complete(out_dir: Path, meta: dict) -> bool:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
 
 
 def _clear_own_files(out_dir: Path) -> None:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from medclipin.errors import MedclipinError
+
 __all__ = ["TokenizerError", "load_tokenizer", "train_wordpiece_tokenizer", "SPECIAL_TOKENS"]
 
 SPECIAL_TOKENS = {
@@ -24,7 +26,7 @@ SPECIAL_TOKENS = {
 }
 
 
-class TokenizerError(OSError):
+class TokenizerError(MedclipinError, OSError):
     """A tokenizer cannot be loaded or trained; the message says why and what to do."""
 
 

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from medclipin.atomic import atomic_open
+
 
 # ------------------------------------------------------------------------------------------- JSON
 def json_safe(value: Any) -> Any:
@@ -35,10 +37,9 @@ def json_safe(value: Any) -> Any:
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as strict JSON (``allow_nan=False``: a NaN that slipped through is a bug), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"  # fails before anything is written
+    with atomic_open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
     return path
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from medclipin.errors import MedclipinError
 from medclipin.eval.embeddings import EmbeddingStore
 
 MODES = ("multilabel", "multiclass")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(MedclipinError, ValueError):
     """A prompt file is malformed; the message names the file and the field."""
 
 

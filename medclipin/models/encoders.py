@@ -13,10 +13,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from medclipin.errors import MedclipinError
 from medclipin.config import ImageEncoderConfig, TextEncoderConfig
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(MedclipinError, RuntimeError):
     """Weights could not be found locally or on the hub; the message says what was tried."""
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import sys
 import time
 from pathlib import Path
+
+from medclipin.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,10 @@ class MetricsLog:
                 break
             kept.append(row)
             last = current
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="") as handle:
+        with atomic_open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, self.path)
         self.columns = columns or None
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medclipin.errors import MedclipinError
 from medclipin.config import TrainConfig
 from medclipin.train.distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MedclipinError, RuntimeError):
     """Too many consecutive steps had a non-finite loss; the run stopped without writing a checkpoint."""
 
 

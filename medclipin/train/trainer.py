@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from medclipin.atomic import atomic_open
 from medclipin.config import Config, save_config
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator
 from medclipin.data.manifest import read_manifest
@@ -367,9 +368,8 @@ def _truncate_jsonl(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             break  # a line torn by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as handle:
+        handle.write("".join(line + "\n" for line in kept))
 
 
 def _validate(model: MedClipModel, tokenizer, step: int, validate_fn, best: dict, run_dir: Path,

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from medclipin.errors import MedclipinError
 from medclipin.data.manifest import SPLITS, Record
 
 IMAGE_EXTENSIONS = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-class PrepareError(ValueError):
+class PrepareError(MedclipinError, ValueError):
     """The raw files are not in the expected layout; the message says what is missing."""
 
 
