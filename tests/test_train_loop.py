@@ -94,12 +94,15 @@ def _poison_forward(monkeypatch, bad_calls):
 def test_repeated_nan_stops_the_run_without_a_bad_checkpoint(tmp_path, monkeypatch):
     _poison_forward(monkeypatch, lambda n: n >= 6)  # steps 1..5 are good
     cfg = tiny_config("train.steps=10", "train.max_nonfinite_steps=3", clipin=False)
-    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 6"):
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite losses at step 8.*those of step 5"):
         pretrain(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    # step 6's update was skipped, so its checkpoint holds step 5's weights; at step 8 the run stops instead
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
     assert not (run / "model").exists()
-    assert [int(r["step"]) for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+    rows = read_metrics(run)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [int(r["skipped_nonfinite"]) for r in rows] == [0, 0, 0, 0, 0, 1, 2, 3]
     # the last checkpoint holds finite weights
     model = MedClipModel.from_pretrained(ckpt.latest_checkpoint(run) / "model")
     assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())

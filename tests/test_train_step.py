@@ -43,9 +43,10 @@ class Toy(nn.Module):
         self.after_calls.append(step)
 
 
-def make_step(model, **train):
+def make_step(model, fused=True, **train):
+    """A TrainStep with SGD: fused (the trainer's path: skips on the device) or not (skips via a host read)."""
     cfg = TrainConfig(**{"steps": 10, "warmup_steps": 0, "lr": 0.1, "grad_clip": 0.0, **train})
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, fused=fused)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     return TrainStep(model, model, optimizer, scheduler, scaler, cfg, "fp32", CPU, DistInfo()), optimizer
@@ -87,20 +88,68 @@ def test_gradient_clipping_bounds_the_update_and_reports_the_raw_norm():
     assert moved.item() == pytest.approx(0.5, rel=1e-4)  # SGD lr 1: the update is the clipped gradient
 
 
-def test_non_finite_loss_skips_the_update_counts_it_and_resets():
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`:UserWarning")
+@pytest.mark.parametrize("fused", [True, False], ids=["skip-on-device", "skip-via-host"])
+def test_non_finite_loss_skips_the_update_counts_it_and_resets(fused):
     model = Toy()
-    step, _ = make_step(model, max_nonfinite_steps=3)
+    step, _ = make_step(model, fused=fused, max_nonfinite_steps=3)
     data = iter(batches(6, 4))
     before = [p.detach().clone() for p in model.parameters()]
     model.poison = float("nan")
-    for expected in (1, 2):
-        outcome = step(data.__next__, 0)
+    for index, expected in ((0, 1), (1, 2)):
+        outcome = step(data.__next__, index)
         assert not outcome.applied and step.consecutive_nonfinite == expected
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # no update happened
-    assert model.after_calls == []  # nor an EMA update
+    assert model.after_calls == [1, 2]  # a skipped step is still a step: schedule and EMA move on
     model.poison = 0.0
-    assert step(data.__next__, 0).applied
+    assert step(data.__next__, 2).applied
+    assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert step.consecutive_nonfinite == 0 and step.nonfinite_total == 2
+
+
+def test_a_skipped_step_leaves_fused_adamw_moments_and_step_count_alone():
+    from medclipin.train.optim import build_optimizer
+
+    model = Toy()
+    cfg = TrainConfig(steps=10, warmup_steps=0, lr=0.1, grad_clip=0.0)
+    optimizer = build_optimizer(model, cfg, CPU)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    step = TrainStep(model, model, optimizer, build_scheduler(optimizer, cfg),
+                     torch.amp.GradScaler("cpu", enabled=False), cfg, "fp32", CPU, DistInfo())
+    data = iter(batches(2, 4))
+    step(data.__next__, 0)
+    state = {k: v.clone() for k, v in optimizer.state[model.linear.weight].items()}
+    weight = model.linear.weight.detach().clone()
+    model.poison = float("nan")
+    assert not step(data.__next__, 1).applied
+    assert torch.equal(model.linear.weight, weight)
+    for key, value in optimizer.state[model.linear.weight].items():
+        assert torch.equal(value, state[key]), key  # step count, exp_avg, exp_avg_sq unchanged
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["trainer-optimizer", "unfused-control"])
+def test_a_step_never_reads_a_device_tensor_on_the_host(monkeypatch, fused):
+    """No host synchronisation per step: a GPU keeps the next step queued. The only host reads are of the
+    guard's asynchronously copied counters (host memory), which are allowed."""
+    model = Toy()
+    step, _ = make_step(model, fused=fused, max_nonfinite_steps=3)
+    host_counters = step.guard._host
+    reads = []
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            if self.untyped_storage().data_ptr() != host_counters.untyped_storage().data_ptr():
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    data = iter(batches(3, 4))
+    for index in range(3):
+        step(data.__next__, index)
+    monkeypatch.undo()
+    # the control shows the spy works: an optimiser that cannot skip on the device reads the verdict
+    assert reads == ([] if fused else ["__bool__"] * 3)
 
 
 def test_consecutive_non_finite_losses_stop_with_a_clear_message():
@@ -109,15 +158,18 @@ def test_consecutive_non_finite_losses_stop_with_a_clear_message():
     step, _ = make_step(model, max_nonfinite_steps=2)
     data = iter(batches(4, 4))
     step(data.__next__, 5)
-    with pytest.raises(NonFiniteLossError, match=r"2 consecutive non-finite losses at step 6.*last good step \(5\)"):
-        step(data.__next__, 5)
+    step(data.__next__, 6)  # the check reads the counters one step late: no host sync per step
+    with pytest.raises(NonFiniteLossError, match=r"2 consecutive non-finite losses at step 7.*those of step 5"):
+        step(data.__next__, 7)
 
 
 def test_non_finite_gradient_with_finite_loss_is_skipped_too():
     model = Toy()
     step, _ = make_step(model, max_nonfinite_steps=5)
     model.linear.weight.register_hook(lambda g: g * float("nan"))
+    before = model.linear.weight.detach().clone()
     assert not step(iter(batches(1, 4)).__next__, 0).applied
+    assert torch.equal(model.linear.weight, before) and step.nonfinite_total == 1
 
 
 def test_precision_resolution():

@@ -3,7 +3,8 @@
 :class:`TrainStep` owns nothing about files or runs (that is :mod:`medclipin.train.trainer`): it is
 handed the model, its (possibly DDP- or compile-wrapped) training module, the optimiser, scheduler
 and scaler, and turns ``grad_accum`` micro-batches into one weight update, or into a skipped update
-when the loss or the gradients are not finite.
+when the loss or the gradients are not finite. It never waits for the device: the skip is decided
+on the device (:class:`NonFiniteGuard`), so a GPU always has the next step queued.
 
 Gradient accumulation sums the gradients of ``grad_accum`` micro-batches before one update. For a
 contrastive loss each micro-batch only sees the negatives *inside that micro-batch* (gathered over
@@ -14,7 +15,6 @@ is the contrastive batch (all ranks together); one update sees ``batch_size × g
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,8 +25,6 @@ from torch import nn
 from medclipin.errors import MedclipinError
 from medclipin.config import TrainConfig
 from medclipin.train.distributed import DistInfo
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(MedclipinError, RuntimeError):
@@ -77,15 +75,18 @@ def autocast_context(precision: str, device: torch.device):
 class StepOutcome:
     """What one call of :class:`TrainStep` did.
 
+    Every field is a device tensor except ``samples``: reading one synchronises with the device, so a
+    caller reads them only when it logs.
+
     Attributes:
-        applied: the weights were updated (False: the step was skipped as non-finite).
+        applied: 0-dim bool, the weights were updated (False: skipped as non-finite).
         loss: mean loss over micro-batches and ranks (the single-process loss of the global batch).
         grad_norm: total gradient norm before clipping (after DDP's all-reduce).
         terms, stats: the model's loss terms and monitors (this rank, averaged over micro-batches / last).
         samples: samples consumed by this call on all ranks.
     """
 
-    applied: bool
+    applied: torch.Tensor
     loss: torch.Tensor
     grad_norm: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -93,8 +94,65 @@ class StepOutcome:
     samples: int = 0
 
 
+class NonFiniteGuard:
+    """Counts non-finite steps on the device and stops the run after ``max_consecutive`` in a row.
+
+    A host read of each step's verdict would stall a GPU once per step (the CPU could not queue the
+    next step before the last one finished). Instead the two counters (consecutive, total) live on the
+    device, are copied to host memory asynchronously at the end of each step, and :meth:`check` reads
+    them during the *next* step, once that step's forward and backward are queued: the GPU never waits
+    for the host. The stop therefore comes at most one step late, which costs nothing, because a
+    skipped step leaves the weights and optimiser state untouched. On CPU the copy is immediate.
+    """
+
+    def __init__(self, device: torch.device, max_consecutive: int, total: int = 0):
+        self.max_consecutive = max_consecutive
+        self._counts = torch.tensor([0, total], dtype=torch.int64, device=device)  # consecutive, total
+        self._host = torch.tensor([0, total], dtype=torch.int64).pin_memory() if device.type == "cuda" \
+            else torch.tensor([0, total], dtype=torch.int64)
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._host_step = 0  # the step the host copy describes
+
+    def update(self, nonfinite: torch.Tensor, step: int) -> None:
+        """Fold step ``step``'s verdict (0-dim bool tensor) into the counters, without a host sync."""
+        bad = nonfinite.to(torch.int64)
+        # both counters grow by `bad`; then a finite step (bad = 0) zeroes the streak, never the total
+        self._counts.add_(bad).mul_(torch.stack([bad, torch.ones_like(bad)]))
+        self._host.copy_(self._counts, non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+        self._host_step = step
+
+    def read(self) -> tuple[int, int, int]:
+        """(consecutive, total, step) as of the last :meth:`update`; waits only for that step's copy."""
+        if self._event is not None:
+            self._event.synchronize()
+        return int(self._host[0]), int(self._host[1]), self._host_step
+
+    @property
+    def total(self) -> int:
+        return self.read()[1]
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLossError` when the last ``max_consecutive`` steps were all non-finite."""
+        consecutive, _, step = self.read()
+        if consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{consecutive} consecutive non-finite losses at step {step}; stopping. Their updates were "
+                f"skipped, so the weights (and every checkpoint) are those of step {step - consecutive}, the "
+                "last good step. Lower train.lr, check the data, or use train.precision=fp32."
+            )
+
+
 class TrainStep:
-    """Turns micro-batches into one optimiser step.
+    """Turns micro-batches into one optimiser step, with no host synchronisation.
+
+    A step whose loss or gradient norm is not finite is skipped *on the device*: the fused AdamW
+    kernel takes the verdict as its ``found_inf`` argument (the mechanism ``GradScaler`` uses) and
+    leaves weights and moments untouched. Such a step still counts as a step (the schedule and the EMA
+    move on; the EMA target lerps toward unchanged weights); :class:`NonFiniteGuard` counts it and
+    stops the run after ``train.max_nonfinite_steps`` in a row. An optimiser without that argument
+    (not fused) gets the same skip through a host read of the verdict.
 
     Args:
         model: the unwrapped :class:`~medclipin.models.model.MedClipModel` (parameters, EMA update).
@@ -105,17 +163,26 @@ class TrainStep:
         device: where batches go.
         dist_info: rank / world size.
         ddp: ``train_module`` is (or wraps) DistributedDataParallel, so ``no_sync`` applies.
+        nonfinite_total: skipped steps so far (restored on resume).
     """
 
     def __init__(self, model: nn.Module, train_module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, precision: str, device: torch.device,
-                 dist_info: DistInfo, ddp: bool = False):
+                 dist_info: DistInfo, ddp: bool = False, nonfinite_total: int = 0):
         self.model, self.train_module = model, train_module
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.cfg, self.precision, self.device, self.dist_info, self.ddp = cfg, precision, device, dist_info, ddp
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.consecutive_nonfinite = 0
-        self.nonfinite_total = 0
+        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps, total=nonfinite_total)
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Skipped (non-finite) steps so far, this run and the runs it resumed."""
+        return self.guard.total
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        return self.guard.read()[0]
 
     def _no_sync(self, last: bool):
         # skip the gradient all-reduce on all but the last micro-batch: one all-reduce per update
@@ -123,11 +190,16 @@ class TrainStep:
             return self.train_module.no_sync()
         return contextlib.nullcontext()
 
+    def _skips_on_device(self) -> bool:
+        # re-read every step: loading an optimiser state dict replaces the groups' flags
+        return all(group.get("fused") for group in self.optimizer.param_groups)
+
     def __call__(self, next_batch: Callable[[], dict], step: int) -> StepOutcome:
         """Run ``grad_accum`` micro-batches from ``next_batch()`` and update the weights (``step`` = steps done).
 
         Raises:
-            NonFiniteLossError: ``train.max_nonfinite_steps`` consecutive non-finite steps.
+            NonFiniteLossError: the steps before this one were ``train.max_nonfinite_steps`` non-finite
+                steps in a row (checked once this step's work is queued, so at most one step late).
         """
         accum = self.cfg.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -147,6 +219,7 @@ class TrainStep:
             for key, value in out.terms.items():
                 terms_sum[key] = terms_sum.get(key, 0) + value.detach().float() / accum
             stats = out.stats
+        self.guard.check()  # the previous steps' verdicts: this step is queued, so the device is busy
         if self.dist_info.enabled:
             # the mean of the ranks' local losses is the global-batch loss; a NaN on any rank makes the
             # sum NaN on every rank, so all ranks take the same skip decision below
@@ -155,32 +228,19 @@ class TrainStep:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip, foreach=True)
-        # one host sync per optimiser step: the finite check guards every weight update. Under fp16
-        # an overflowing gradient is the GradScaler's business (it skips and lowers the scale).
-        finite = bool(torch.isfinite(loss_sum).item())
+        # under fp16 an overflowing gradient is the GradScaler's business (it skips and lowers the scale)
+        nonfinite = ~torch.isfinite(loss_sum)
         if self.precision != "fp16":
-            finite = finite and bool(torch.isfinite(grad_norm).item())
-        if not finite:
-            self._skip(step)
-            return StepOutcome(False, loss_sum, grad_norm, terms_sum, stats, samples)
-        self.consecutive_nonfinite = 0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            nonfinite = nonfinite | ~torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips on overflow, also without a host sync when fused
+            self.scaler.update()
+        elif self._skips_on_device():
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, nonfinite.float()
+            self.optimizer.step()
+        elif not bool(nonfinite):  # an optimiser that cannot skip on the device: one host read
+            self.optimizer.step()
         self.scheduler.step()
         self.model.after_optimizer_step(step + 1, self.cfg.steps)
-        return StepOutcome(True, loss_sum, grad_norm, terms_sum, stats, samples)
-
-    def _skip(self, step: int) -> None:
-        self.nonfinite_total += 1
-        self.consecutive_nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler.is_enabled():
-            self.scaler.update()  # closes this step's unscale_ (and lowers the fp16 scale on inf)
-        log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
-                    step + 1, self.consecutive_nonfinite)
-        if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteLossError(
-                f"{self.consecutive_nonfinite} consecutive non-finite losses at step {step + 1}; stopping. "
-                f"No checkpoint was written after the last good step ({step}). Lower train.lr, check the "
-                "data, or use train.precision=fp32."
-            )
+        self.guard.update(nonfinite, step + 1)
+        return StepOutcome(~nonfinite, loss_sum, grad_norm, terms_sum, stats, samples)

@@ -202,8 +202,8 @@ def pretrain(
             model is kept in ``RUN/best``. See :func:`medclipin.train.validation.build_validate_fn`.
 
     Raises:
-        NonFiniteLossError: ``train.max_nonfinite_steps`` consecutive non-finite steps (no checkpoint
-            is written after the last good one).
+        NonFiniteLossError: ``train.max_nonfinite_steps`` consecutive non-finite steps. Their updates
+            were skipped, so no checkpoint holds non-finite weights, and no final model is written.
     """
     run_dir = Path(run_dir)
     tcfg = cfg.train
@@ -290,8 +290,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     if tcfg.compile:
         train_module = torch.compile(train_module)
     train_step = TrainStep(model, train_module, optimizer, scheduler, scaler, tcfg, precision, device, dist_info,
-                           ddp=dist_info.enabled)
-    train_step.nonfinite_total = nonfinite_total
+                           ddp=dist_info.enabled, nonfinite_total=nonfinite_total)
     batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
                           pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed)
 
@@ -305,7 +304,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     tensorboard = TensorBoardLog(run_dir / "tensorboard", enabled=dist_info.is_main)
     total = tcfg.steps
     bar = Progress(total, step, progress and dist_info.is_main)
-    samples_done, interval_samples = 0, 0
+    samples_done, interval_samples, logged_skipped = 0, 0, nonfinite_total
     interval_start = wall_start = time.perf_counter()
     model.train()
     try:
@@ -313,16 +312,20 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
             outcome = train_step(batches, step)
             samples_done += outcome.samples
             interval_samples += outcome.samples
-            if not outcome.applied:
-                continue
             step += 1
+            # the host reads the step's outcome only here (log steps) and before a checkpoint
             if step % tcfg.log_every == 0 or step == total:
                 now = time.perf_counter()
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 interval_start, interval_samples = now, 0
+                skipped = train_step.nonfinite_total
+                if skipped > logged_skipped and dist_info.is_main:
+                    log.warning("%d step(s) up to step %d had a non-finite loss or gradient: updates skipped "
+                                "(%d in this run so far)", skipped - logged_skipped, step, skipped)
+                logged_skipped = skipped
                 row = {"step": step, "epoch": batches.epoch, "loss": float(outcome.loss),
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(outcome.grad_norm),
-                       "samples_per_s": rate, "skipped_nonfinite": train_step.nonfinite_total}
+                       "samples_per_s": rate, "skipped_nonfinite": skipped}
                 row.update({k: float(v) for k, v in outcome.terms.items()})
                 row.update({k: float(v) for k, v in outcome.stats.items()})
                 if dist_info.is_main:
@@ -333,6 +336,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
             if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
                 best = _validate(model, tokenizer, step, validate_fn, best, run_dir, dist_info, tensorboard)
             if step % tcfg.checkpoint_every == 0 or step == total:
+                train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
                 state = {
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "micro_step": batches.consumed,
