@@ -74,7 +74,7 @@ def test_medclipin_step_updates_weights_and_ema(tiny_cfg):
     online = model.image_encoder.model.patch_embed.proj.weight.detach().clone()
     target = model.target["image_encoder"].model.patch_embed.proj.weight.detach().clone()
     assert torch.equal(online, target)
-    assert c.step() is True
+    assert bool(c.step().applied)
     new_online = model.image_encoder.model.patch_embed.proj.weight.detach()
     new_target = model.target["image_encoder"].model.patch_embed.proj.weight.detach()
     assert not torch.equal(new_online, online)
@@ -82,7 +82,7 @@ def test_medclipin_step_updates_weights_and_ema(tiny_cfg):
     torch.testing.assert_close(new_target, m * target + (1 - m) * new_online)
     assert c.optimizer.state  # AdamW stepped
     assert "TrainStep" in c.info["implementation"]  # the trainer's own step, not a copy
-    assert c.info["optimizer"] == "AdamW(foreach)"  # multi-tensor on CPU (fused on CUDA)
+    assert c.info["optimizer"] == "AdamW(fused)"  # one kernel per step, on CPU too
 
 
 def test_flop_count_plausible_for_tiny_vit():
