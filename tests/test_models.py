@@ -269,6 +269,32 @@ def test_target_sees_the_second_views():
     torch.testing.assert_close(model(single).loss, model(same_views).loss)
 
 
+@pytest.mark.parametrize("target_dropout", [True, False])
+def test_target_dropout_switch(target_dropout):
+    """``clipin.target_dropout: false`` gives a deterministic target (no dropout masks) while the online
+    branch keeps its dropout; the default keeps the reference code's train-mode target."""
+    cfg = tiny_cfg(target_dropout=target_dropout)
+    cfg.text_encoder.config.update(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    cfg.image_encoder.kwargs.update(drop_rate=0.5, proj_drop_rate=0.5)
+    model = build(cfg).train()
+    assert model.text_encoder.training and model.image_encoder.training
+    assert model.target["text_encoder"].training is target_dropout
+    assert model.target["image_encoder"].training is target_dropout
+    assert model.target["image_nc"].training  # BYOL: the target's batch norm uses batch statistics
+    b = batch()
+    runs = []
+    with torch.no_grad():
+        for _ in range(2):
+            t = model.target
+            runs.append((t["text_encoder"](b["input_ids_2"], b["attention_mask_2"]), t["image_encoder"](b["image_2"])))
+            online = model.text_encoder(b["input_ids"], b["attention_mask"])
+            assert not torch.equal(online, model.text_encoder(b["input_ids"], b["attention_mask"]))
+    for first, second in zip(*runs):
+        assert torch.equal(first, second) is not target_dropout
+    model.eval()
+    assert not model.target["text_encoder"].training and not model.target["image_nc"].training
+
+
 # ------------------------------------------------------------------------------ pluggable base, xCLIP
 def test_clipin_wraps_siglip_by_configuration():
     model = build(tiny_cfg("siglip"))

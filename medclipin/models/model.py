@@ -158,6 +158,15 @@ class MedClipModel(nn.Module):
         # one fused multi-tensor op instead of a Python loop over hundreds of tensors
         torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
 
+    def train(self, mode: bool = True) -> "MedClipModel":
+        """``nn.Module.train``, except that with ``model.clipin.target_dropout: false`` the target's encoders
+        draw no dropout or drop-path masks (batch-norm layers, as in BYOL, still use batch statistics)."""
+        super().train(mode)
+        if mode and self.uses_clipin and not self.cfg.clipin.target_dropout:
+            for name in ("image_encoder", "text_encoder"):
+                _switch_off_dropout(self.target[name])
+        return self
+
     @torch.no_grad()
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """Per-step bookkeeping: clamp temperatures and λ, update the EMA target."""
@@ -282,6 +291,21 @@ class MedClipModel(nn.Module):
         )
         load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
         return model
+
+
+_BATCH_NORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def _switch_off_dropout(encoder: nn.Module) -> None:
+    """Eval mode for a target encoder without batch norm (a ViT or BERT: its only train-mode behaviour is
+    dropout, including the attention dropout HF passes to SDPA when the attention module is training);
+    with batch norm (a ResNet), eval mode for its dropout and drop-path modules only."""
+    if not any(isinstance(m, _BATCH_NORM) for m in encoder.modules()):
+        encoder.eval()
+        return
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout) or type(module).__name__ == "DropPath":
+            module.eval()
 
 
 def _disable_grad_checkpointing(module: nn.Module) -> None:
