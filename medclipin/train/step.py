@@ -139,8 +139,9 @@ class NonFiniteGuard:
         if consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{consecutive} consecutive non-finite losses at step {step}; stopping. Their updates were "
-                f"skipped, so the weights (and every checkpoint) are those of step {step - consecutive}, the "
-                "last good step. Lower train.lr, check the data, or use train.precision=fp32."
+                f"skipped: the weights are those of step {step - consecutive}, the last good step, and no "
+                "checkpoint holds non-finite weights. Lower train.lr, check the data, or use "
+                "train.precision=fp32."
             )
 
 
