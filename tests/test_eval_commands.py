@@ -66,6 +66,8 @@ def test_second_evaluation_of_a_checkpoint_does_not_reencode_images(eval_model, 
 
     first = zero_shot(counting_store(), records, prompts, bootstrap=0)
     assert calls["image"] == len(records)
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert written and all(p.suffix == ".safetensors" for p in written)  # no temporary files left behind
     store = counting_store()  # a fresh process-equivalent: new model object, same weights, same cache folder
     second = zero_shot(store, records, prompts, bootstrap=0)
     retrieval(store, records)

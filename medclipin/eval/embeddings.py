@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from medclipin.atomic import atomic_open
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator
 from medclipin.data.manifest import Record
 from medclipin.data.tokenizer import load_tokenizer
@@ -110,12 +111,13 @@ class EmbeddingStore:
             finally:
                 self.model.train(was_training)
             if path is not None:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"embeddings": value.contiguous()}, str(tmp))
-                os.replace(tmp, path)
+                # serialised in memory (N × D floats: small), then written through a unique temporary
+                # file and renamed: concurrent evaluations and crashes never leave a torn cache file
+                with atomic_open(path, "wb") as handle:
+                    handle.write(save({"embeddings": value.contiguous()}))
         self._memory[key] = value
         return value
 
