@@ -276,7 +276,7 @@ def test_target_dropout_switch(target_dropout):
     cfg = tiny_cfg(target_dropout=target_dropout)
     cfg.text_encoder.config.update(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
     cfg.image_encoder.kwargs.update(drop_rate=0.5, proj_drop_rate=0.5)
-    model = build(cfg).train()
+    model = build(cfg)  # no .train() call: a new model is in train mode, the switch already applies
     assert model.text_encoder.training and model.image_encoder.training
     assert model.target["text_encoder"].training is target_dropout
     assert model.target["image_encoder"].training is target_dropout

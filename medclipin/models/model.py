@@ -135,6 +135,7 @@ class MedClipModel(nn.Module):
                 parameter.requires_grad_(False)
             _disable_grad_checkpointing(module)  # the target runs under no_grad: nothing to recompute
             self.target[name] = module
+        self.train(self.training)  # the target's modes follow the model's (and clipin.target_dropout)
 
     def target_momentum(self, step: int, total_steps: int) -> float:
         """m for this step: fixed (reference code, 0.95) or a cosine schedule from m to 1."""
