@@ -387,6 +387,25 @@ def test_full_configs_match_the_spec(stem):
         assert (c.pre_dim, c.nc_dim, c.predictor_hidden, c.momentum) == (1024, 8192, 2048, 0.95)
 
 
+def test_fundus_config_augments_a_real_fundus_photo_like_a_fundus(shared_data):
+    """The fundus config: 3-channel field-of-view pipeline with flips and colour jitter, on a real RFMiD photo."""
+    from medclipin.data.readers import read_image
+    from medclipin.data.transforms import TwoViewTransform, build_image_transform
+
+    cfg = load_config(REPO / "configs" / "clip_clipin_vitb16_fundus.yaml")
+    assert cfg.data.image.domain == "fundus" and cfg.data.image.channels == 3 and cfg.data.text.sections == ("text",)
+    assert (REPO / cfg.eval.prompts).is_file()
+    transform = build_image_transform(cfg.data.image, train=True)
+    pipeline = repr(transform.pipeline)
+    assert "HorizontalFlip" in pipeline and "ColorJitter" in pipeline and "VerticalFlip" not in pipeline
+    pixels = read_image(shared_data / "fundus_rfmid" / "1.png", window=cfg.data.image.window).pixels
+    first, second = TwoViewTransform(transform)(pixels)
+    assert first.shape == second.shape == (3, 224, 224) and not torch.equal(first, second)
+    assert torch.isfinite(first).all()
+    evaluation = build_image_transform(cfg.data.image, train=False)
+    assert torch.equal(evaluation(pixels), evaluation(pixels))
+
+
 @pytest.mark.parametrize("stem", TINY)
 def test_tiny_configs_build(stem):
     cfg = load_config(REPO / "configs" / f"{stem}.yaml")

@@ -1,5 +1,5 @@
 """Pretrain a model from a YAML config. Extra arguments are dotted overrides, e.g.
-`medclipin pretrain --config configs/tiny_clipin.yaml --out RUN train.batch_size=128 model.clipin.momentum=0.99`.
+`medclipin pretrain --config configs/tiny_clip_clipin.yaml --out RUN train.batch_size=128 model.clipin.momentum=0.99`.
 Under torchrun or srun every process runs this same command."""
 
 from __future__ import annotations
