@@ -330,7 +330,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 
     Example:
-        >>> cfg = load_config("configs/tiny_clipin.yaml", ["train.batch_size=16"])
+        >>> cfg = load_config("configs/tiny_clip_clipin.yaml", ["train.batch_size=16"])
     """
     values: dict = {}
     if path is not None:
