@@ -183,6 +183,7 @@ class TrainStep:
 
     @property
     def consecutive_nonfinite(self) -> int:
+        """Non-finite steps in a row, ending at the last step (reading it waits for that step)."""
         return self.guard.read()[0]
 
     def _no_sync(self, last: bool):
