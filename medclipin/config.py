@@ -48,8 +48,10 @@ class ImageConfig:
     size: int = 224
     channels: int = 1
     window: str = "first"  # DICOM VOI: "first" window/VOI LUT, "percentile", or "none"
-    mean: float = 0.5
-    std: float = 0.25
+    # input normalisation (x - mean) / std, one value or one per channel; empty = what the image tower's
+    # pretrained weights were trained with (timm's pretrained config; 0.5 / 0.25 for random init)
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -57,7 +59,9 @@ class ImageConfig:
 class TextConfig:
     """Which report text is used and how it is tokenised."""
 
-    tokenizer: str = ""  # hub name or local folder; empty = train a WordPiece tokenizer on the train split
+    # a weights spec (models/weights.py: package:<name>, a local folder, a hub id); empty = the pretrained
+    # text tower's own tokenizer, or (towers built from config) a WordPiece tokenizer trained on the train split
+    tokenizer: str = ""
     vocab_size: int = 8000  # for the trained WordPiece tokenizer
     sections: tuple[str, ...] = ("findings", "impression")
     max_length: int = 128
@@ -76,6 +80,8 @@ class DataConfig:
     manifest: str = ""
     cache: str = ""  # decode-once cache folder (medclipin preprocess); empty = decode the originals
     num_workers: int = 0
+    # unreadable training images are skipped and listed in RUN/rejects.csv; above this share the run stops
+    max_bad_fraction: float = 0.01
     image: ImageConfig = field(default_factory=ImageConfig)
     text: TextConfig = field(default_factory=TextConfig)
 
@@ -86,17 +92,26 @@ class ImageEncoderConfig:
     """A timm model. ``name`` is any timm architecture; ``pretrained`` a local folder/file or hub tag."""
 
     name: str = "vit_tiny_patch16_224"
-    pretrained: str = ""  # "" = random init; path to a folder/safetensors file; or "hub" (online only)
+    # weights spec (models/weights.py): "" = random init; package:<pip name> (offline weight package);
+    # a local file or folder; "hub" = timm's pretrained tag of `name` (downloads once)
+    pretrained: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm create_model kwargs (depth, embed_dim, ...)
     grad_checkpointing: bool = False
     freeze: bool = False
+    # freeze the stem and the first N stages/blocks (timm's group_matcher order): pretrained low-level
+    # features kept, and backward skips the high-resolution layers, which cost most on a CNN
+    freeze_layers: int = 0
+    # false: the image tower runs in fp32 inside a bf16 run (depthwise-conv CNNs are faster in fp32 on CPUs)
+    autocast: bool = True
 
 
 @dataclass
 class TextEncoderConfig:
     """A Hugging Face BERT-family model: built from ``config`` offline, or loaded from ``pretrained``."""
 
-    pretrained: str = ""  # local from_pretrained folder or hub name; empty = build from `config`
+    # weights spec (models/weights.py): package:<pip name>, a local from_pretrained folder, or a hub id;
+    # empty = build from `config` (random init)
+    pretrained: str = ""
     config: dict[str, Any] = field(default_factory=lambda: {
         "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 1024,
     })
@@ -106,6 +121,8 @@ class TextEncoderConfig:
     pooling: str = "mean"
     grad_checkpointing: bool = False
     freeze: bool = False
+    # freeze the embeddings and the first N layers (pretrained towers: cheaper backward, less forgetting)
+    freeze_layers: int = 0
     trust_remote_code: bool = False
 
 
@@ -139,6 +156,9 @@ class ClipinConfig:
     lambda_clip: float = 1.0
     lambda_max: float = 20.0
     sync_batchnorm: bool = False
+    # diagnostic: the non-contrastive terms get a detached copy of the shared pre-projector's output, so
+    # they train their own heads but send no gradient into the pre-projector and the towers
+    detach_pre: bool = False
     # Dropout / drop-path in the EMA target's encoders. true: the target runs in train mode like the online
     # branch (reference code). false: a deterministic target, as DINO-style EMA teachers have; ~6 % cheaper.
     target_dropout: bool = True
@@ -176,9 +196,13 @@ class TrainConfig:
     # micro-batches summed per optimiser step: grows the optimisation batch, not the contrastive one
     # (each micro-batch's loss only sees its own negatives; docs/scaling.md)
     grad_accum: int = 1
-    lr: float = 5e-4
+    lr: float = 5e-4  # heads, temperature, CLIPin/xCLIP parts; and the towers unless set below
+    # learning rates of pretrained towers (0 = train.lr): they need far smaller steps than fresh heads
+    image_encoder_lr: float = 0.0
+    text_encoder_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -233,6 +257,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is Ellipsis:
+            value = [value]  # a scalar where a variable-length tuple is expected: one value (e.g. image.mean: 0.5)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         inner = args[0] if args else Any

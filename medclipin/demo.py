@@ -17,7 +17,8 @@ import torch
 from medclipin.config import Config, load_config
 from medclipin.data.manifest import read_manifest
 from medclipin.data.synthetic import generate_synthetic_dataset
-from medclipin.eval.embeddings import EmbeddingStore, load_model
+from medclipin.api import load
+from medclipin.eval.embeddings import EmbeddingStore
 from medclipin.eval.evaluate import evaluate
 from medclipin.eval.zeroshot import load_prompts
 from medclipin.train.trainer import pretrain
@@ -60,8 +61,8 @@ def run_demo(out_dir: str | Path, config_path: str | Path | None = None, overrid
     train_s = time.perf_counter() - train_start
 
     eval_start = time.perf_counter()
-    model, tokenizer = load_model(result.model_dir)
-    store = EmbeddingStore(model, tokenizer, batch_size=cfg.eval.batch_size)
+    model, processor = load(result.model_dir)
+    store = EmbeddingStore(model, processor, batch_size=cfg.eval.batch_size)
     test_records = read_manifest(manifest_path).split("test")
     metrics = evaluate(store, test_records, load_prompts(cfg.eval.prompts), out_dir / "gradcam",
                        gradcam_figures=cfg.eval.gradcam_examples, bootstrap=cfg.eval.bootstrap)

@@ -78,9 +78,22 @@ def synthetic_batch(cfg: Config, device: torch.device, two_views: bool, seed: in
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def text_hf_config(cfg: Config):
+    """The text tower's Hugging Face config: a pretrained tower's own (read from its folder, no weights), or
+    a BERT built from ``model.text_encoder.config`` with the configured WordPiece vocabulary."""
+    from transformers import AutoConfig, BertConfig
+
+    encoder = cfg.model.text_encoder
+    if encoder.pretrained:
+        from medclipin.models.weights import parse_weights
+
+        return AutoConfig.from_pretrained(parse_weights(encoder.pretrained, "text").location)
+    return BertConfig(vocab_size=int(cfg.data.text.vocab_size), **encoder.config)
+
+
 def vocab_size(cfg: Config) -> int:
-    """The text tower's vocabulary: the configured WordPiece size (or a pretrained tower's own)."""
-    return int(cfg.data.text.vocab_size)
+    """The text tower's vocabulary: the configured WordPiece size, or a pretrained tower's own."""
+    return int(text_hf_config(cfg).vocab_size)
 
 
 # ---------------------------------------------------------------------------------------- medclipin
@@ -110,13 +123,19 @@ class Contender:
 
 def build_medclipin_contender(name: str, cfg: Config, device: torch.device, precision: str, seed: int) -> Contender:
     from medclipin.models.model import MedClipModel
+    from medclipin.models.weights import resolve_normalization
+    from medclipin.train.objective import TrainingObjective
+    from medclipin.train.optim import tower_learning_rates
 
     clipin = name == "clipin"
     mcfg = _model_config(cfg, clipin)
+    resolve_normalization(mcfg)
     torch.manual_seed(seed)
-    model = MedClipModel(mcfg.model, mcfg.data.image, mcfg.data.text, vocab_size=vocab_size(cfg)).to(device)
+    net = MedClipModel.from_config(mcfg.model, mcfg.data.image.size, mcfg.data.image.channels,
+                                   vocab_size=vocab_size(cfg))
+    model = TrainingObjective(net, mcfg.model).to(device)
     model.train()
-    optimizer = build_optimizer(model, mcfg.train, device)
+    optimizer = build_optimizer(model, mcfg.train, device, lrs=tower_learning_rates(net, mcfg.train))
     scheduler = build_scheduler(optimizer, mcfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batch = synthetic_batch(cfg, device, two_views=model.needs_two_views, seed=seed + 1)
@@ -137,8 +156,8 @@ def build_medclipin_contender(name: str, cfg: Config, device: torch.device, prec
         model.zero_grad(set_to_none=True)
 
     c.step, c.loss_backward = step, loss_backward
-    c.info = _contender_info("medclipin.models.MedClipModel + train.optim.build_optimizer + train.step.TrainStep",
-                             model, optimizer, model.image_encoder.model, model.text_encoder.model)
+    c.info = _contender_info("medclipin MedClipModel + train.objective.TrainingObjective + train.optim.build_optimizer"
+                             " + train.step.TrainStep", model, optimizer, net.image_encoder.model, net.text_encoder.model)
     return c
 
 
@@ -170,7 +189,7 @@ def build_open_clip_model(cfg: Config) -> nn.Module:
     # medclipin's pooling, in open_clip's pooler names (BERT's own pooler layer is left out, as in medclipin)
     pooler = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}[cfg.model.text_encoder.pooling]
     with tempfile.TemporaryDirectory() as folder:
-        BertConfig(vocab_size=vocab_size(cfg), **cfg.model.text_encoder.config).save_pretrained(folder)
+        text_hf_config(cfg).save_pretrained(folder)
         model = CustomTextCLIP(
             embed_dim,
             vision_cfg={"timm_model_name": enc.name, "timm_model_pretrained": False, "timm_pool": "token",

@@ -65,7 +65,7 @@ def _single(args) -> int:
         return 2
     out = Path(args.out)
     store, model_dir, cache_dir = open_store(args, out)
-    explanation = explain(store.model, store.tokenizer, args.image, args.text, image_cache=args.image_cache,
+    explanation = explain(store.model, store.processor, args.image, args.text, image_cache=args.image_cache,
                           store=store)
     boxes = [tuple(b) for b in (args.box or [])]
     files = save_explanation(explanation, out / "gradcam.png", boxes=boxes)

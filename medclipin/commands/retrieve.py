@@ -2,9 +2,10 @@
 bounded), written to OUT/retrieval.json and OUT/retrieval.md. Identical reports count as matches.
 
 Query mode (no metrics): --query-image PATH lists the top-k reports of the manifest for an image;
---query-text "..." lists the top-k images for a sentence. Output: record ids and cosine scores
-(identical reports are listed once, with how many records share them); report text is shown only
-with --show-text. Queries search every record unless --split is given.
+--query-text "..." lists the top-k images for a sentence. Output: manifest row numbers and cosine
+scores (identical reports are listed once, with how many records share them); record ids (which often
+embed patient identifiers) only with --show-ids, report text only with --show-text. Queries search
+every record unless --split is given.
 
 Examples:
   medclipin retrieve --checkpoint demo_out/run/model --manifest demo_out/data/manifest.csv --out eval_out/retrieval
@@ -31,6 +32,9 @@ def add_arguments(parser) -> None:
     query.add_argument("--query-text", default=None, help="a sentence: list the top-k images for it")
     parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
     parser.add_argument("--show-text", action="store_true", help="print the report text of the hits (off by default)")
+    parser.add_argument("--show-ids", action="store_true",
+                        help="print the hits' record ids (off by default: ids often embed patient identifiers; "
+                             "hits are named by their manifest row)")
 
 
 def run(args) -> int:
@@ -64,40 +68,9 @@ def run(args) -> int:
     return 0
 
 
-def query_reports(store, records, image_path: str, k: int) -> list[dict]:
-    """Top-k distinct reports of ``records`` for one image: record id, score, how many records share the text."""
-    from medclipin.data.manifest import Record
-    from medclipin.data.reports import record_text
-    from medclipin.eval.retrieval import text_groups, top_k
-
-    query = Record(record_id="query", patient_id="", study_id="", image_path=str(Path(image_path).resolve()), split="test")
-    image = store.images([query])
-    texts = [record_text(r, store.model.text_cfg.sections) for r in records]
-    groups = text_groups(texts)
-    first: dict[int, int] = {}
-    for i, g in enumerate(groups.tolist()):
-        first.setdefault(g, i)
-    unique = sorted(first.values())
-    counts = groups.bincount()
-    scores, index = top_k(image, store.texts([texts[i] for i in unique]), k)
-    hits = []
-    for score, j in zip(scores[0].tolist(), index[0].tolist()):
-        i = unique[j]
-        hits.append({"record_id": records[i].record_id, "score": score, "records_with_this_report": int(counts[groups[i]]),
-                     "text": texts[i]})
-    return hits
-
-
-def query_images(store, records, sentence: str, k: int) -> list[dict]:
-    """Top-k images of ``records`` for one sentence: record id and score."""
-    from medclipin.eval.retrieval import top_k
-
-    scores, index = top_k(store.texts([sentence]), store.images(records), k)
-    return [{"record_id": records[i].record_id, "score": s} for s, i in zip(scores[0].tolist(), index[0].tolist())]
-
-
 def _query(args, store, records, run_block) -> int:
     from medclipin.eval.report import write_json
+    from medclipin.eval.retrieval import query_images, query_reports
 
     if args.query_image is not None:
         if not Path(args.query_image).is_file():
@@ -112,12 +85,14 @@ def _query(args, store, records, run_block) -> int:
         print(f"top {len(hits)} images for the sentence:")
     for rank, hit in enumerate(hits, 1):
         extra = f"  (report shared by {hit['records_with_this_report']} records)" if hit.get("records_with_this_report", 1) > 1 else ""
-        print(f"{rank:>3}. {hit['record_id']}  score {hit['score']:+.4f}{extra}")
+        name = hit["record_id"] if args.show_ids else f"row {hit['row']}"
+        print(f"{rank:>3}. {name}  score {hit['score']:+.4f}{extra}")
         if args.show_text and "text" in hit:
             print(f"     {hit['text']}")
     if args.out:
         out = Path(args.out)
-        saved = [{k: v for k, v in h.items() if k != "text" or args.show_text} for h in hits]
+        saved = [{k: v for k, v in h.items() if (k != "text" or args.show_text) and (k != "record_id" or args.show_ids)}
+                 for h in hits]
         path = write_json(out / "query.json", {"run": run_block, "query": {"kind": kind, "value": query},
                                                "top_k": args.top_k, "hits": saved})
         print(f"wrote {path}")

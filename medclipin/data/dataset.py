@@ -1,10 +1,14 @@
 """Records → model-ready tensors: decoded, augmented images and tokenised report text.
 
-``ImageTextDataset`` yields one record at a time (image tensor(s) + text string(s)); ``TextImageCollator``
-tokenises a whole batch at once with the fast tokenizer, which is much cheaper than per-item calls.
-Records whose image file is missing or whose text is empty are skipped at construction and counted
-in ``skipped`` (reason → count), never dropped silently; an image that fails to decode raises an
-error naming the file.
+``ImageTextDataset`` yields one record at a time (image tensor(s) + text string(s)) through the model's
+:class:`~medclipin.data.processor.Processor`; ``TextImageCollator`` tokenises a whole batch at once
+with the processor (much cheaper than per-item calls).
+
+Nothing is dropped silently. Records whose image file is missing or whose text is empty are skipped
+at construction and counted in ``skipped`` (reason → count). An image that exists but cannot be
+decoded is found only when it is read: its slot in the batch is filled by the next readable record
+(deterministically, so runs and resumes repeat exactly) and the failure travels with the batch
+(``batch["rejected"]``: (path, reason) pairs) to the trainer, which lists it in ``RUN/rejects.csv``.
 """
 
 from __future__ import annotations
@@ -18,13 +22,30 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medclipin.config import ImageConfig, TextConfig
 from medclipin.data.manifest import Record
-from medclipin.data.reports import record_text, text_view
-from medclipin.data.cache import open_image_source
-from medclipin.data.transforms import build_image_transform
+from medclipin.data.processor import Processor
+from medclipin.data.reports import text_view
+from medclipin.errors import MedclipinError
 
 log = logging.getLogger(__name__)
+
+# How many neighbours are tried before a batch slot is given up (then the error propagates): a dataset
+# where this many consecutive images are unreadable is broken, not noisy.
+MAX_SUBSTITUTIONS = 64
+
+
+def unreadable_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this image cannot be used" (named, counted, skipped) rather than a bug."""
+    from medclipin.data.readers import ImageReadError
+
+    errors: list[type[BaseException]] = [ImageReadError]
+    try:
+        from medclipin.data.cache import CacheError
+
+        errors.append(CacheError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
 
 
 class ImageTextDataset(Dataset):
@@ -32,37 +53,42 @@ class ImageTextDataset(Dataset):
 
     Args:
         records: manifest records (usually one split).
-        image_cfg, text_cfg: how images become tensors and which report sections are used.
+        processor: image preprocessing and text settings of the model being trained or evaluated.
         train: random augmentation (and CLIPin's second views) when True; deterministic otherwise.
         two_views: also return ``image_2``/``text_2`` — independent views for CLIPin's target branch.
         cache_dir: decode-once cache from ``medclipin preprocess`` (empty: decode the original files).
         seed: makes augmentation a function of (seed, epoch, index), so runs and resumed runs repeat exactly.
         require_text: skip (and count) records with empty report text; image-only uses set it False.
+        substitute_unreadable: fill an unreadable image's slot with the next readable record (training);
+            False: return the item with ``image = None`` and the failure (evaluation drops such rows).
     """
 
     def __init__(
         self,
         records: Sequence[Record],
-        image_cfg: ImageConfig,
-        text_cfg: TextConfig,
+        processor: Processor,
         train: bool = False,
         two_views: bool = False,
         cache_dir: str = "",
         seed: int = 0,
         require_text: bool = True,
+        substitute_unreadable: bool = True,
     ):
-        self.image_cfg, self.text_cfg = image_cfg, text_cfg
+        self.processor = processor
         self.train, self.two_views, self.seed = train, two_views, seed
+        self.substitute_unreadable = substitute_unreadable
         self.epoch = 0
         self.skipped: Counter[str] = Counter()
+        self.missing: list[str] = []
         kept: list[Record] = []
         texts: list[str] = []
         for record in records:
-            text = record_text(record, text_cfg.sections)
+            text = processor.report_text(record)
             if require_text and not text.strip():
                 self.skipped["empty report text"] += 1
             elif not cache_dir and not os.path.exists(record.image_path):
                 self.skipped["image file missing"] += 1
+                self.missing.append(record.image_path)
             else:
                 kept.append(record)
                 texts.append(text)
@@ -70,8 +96,9 @@ class ImageTextDataset(Dataset):
         if self.skipped:
             log.warning("skipped %d of %d records: %s", sum(self.skipped.values()), len(records),
                         ", ".join(f"{n} {why}" for why, n in self.skipped.items()))
-        self.source = open_image_source(image_cfg, cache_dir)
-        self.transform = build_image_transform(image_cfg, train=train)
+        self.source = processor.image_source(cache_dir)
+        self.transform = processor.image_transform(train=train)
+        self._unreadable: dict[int, str] = {}  # per process: indices known to fail, and why
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,44 +109,71 @@ class ImageTextDataset(Dataset):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, index])
 
+    def _pixels(self, index: int) -> np.ndarray:
+        if index in self._unreadable:
+            raise _Unreadable(self._unreadable[index])
+        try:
+            return self.source.load(self.records[index].image_path)
+        except unreadable_errors() as exc:
+            self._unreadable[index] = str(exc)
+            raise _Unreadable(str(exc)) from None
+
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        pixels = self.source.load(record.image_path)
-        item = {"index": index, "text": self.texts[index]}
+        rejected: list[tuple[str, str]] = []
+        position = index
+        for _ in range(MAX_SUBSTITUTIONS if self.substitute_unreadable else 1):
+            try:
+                pixels = self._pixels(position)
+                break
+            except _Unreadable as exc:
+                rejected.append((self.records[position].image_path, exc.reason))
+                position = (position + 1) % len(self.records)
+        else:
+            if not self.substitute_unreadable:
+                return {"index": index, "image": None, "text": self.texts[index], "rejected": rejected}
+            raise MedclipinError(f"{MAX_SUBSTITUTIONS} consecutive images could not be read, the last "
+                                 f"{rejected[-1][0]}: {rejected[-1][1]}")
+        item = {"index": position, "text": self.texts[position], "rejected": rejected}
         if self.train:
-            rng = self._rng(index)
+            rng = self._rng(position)
             # seed the augmentation per item: identical on every run, in any worker, and after a resume
             self.transform.reseed(int(rng.integers(0, 2**31 - 1)))
             item["image"] = self.transform(pixels)
             if self.two_views:
                 item["image_2"] = self.transform(pixels)
-                item["text_2"] = text_view(self.texts[index], rng, shuffle=self.text_cfg.view_shuffle,
-                                           drop_prob=self.text_cfg.view_drop_prob)
+                cfg = self.processor.text_cfg
+                item["text_2"] = text_view(self.texts[position], rng, shuffle=cfg.view_shuffle,
+                                           drop_prob=cfg.view_drop_prob)
         else:
             item["image"] = self.transform(pixels)
         return item
 
 
+class _Unreadable(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class TextImageCollator:
-    """Stacks images and tokenises the batch's texts in one fast-tokenizer call."""
+    """Stacks images and tokenises the batch's texts in one processor call.
 
-    def __init__(self, tokenizer, max_length: int, truncation_side: str = "right"):
-        self.tokenizer, self.max_length = tokenizer, max_length
-        # "left" keeps the end of long reports (the impression) when they are cut
-        self.tokenizer.truncation_side = truncation_side
+    The batch carries ``rejected``: the (path, reason) pairs of unreadable images whose slots were
+    filled by other records (a list, not a tensor; the trainer takes it out before the step).
+    """
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    def __init__(self, processor: Processor):
+        self.processor = processor
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {
+    def __call__(self, items: list[dict]) -> dict:
+        batch: dict = {
             "index": torch.tensor([item["index"] for item in items]),
             "image": torch.stack([item["image"] for item in items]),
+            "rejected": [pair for item in items for pair in item.get("rejected", ())],
         }
-        batch.update(self.tokenize([item["text"] for item in items]))
+        batch.update(self.processor.texts([item["text"] for item in items]))
         if "image_2" in items[0]:
             batch["image_2"] = torch.stack([item["image_2"] for item in items])
-            second = self.tokenize([item["text_2"] for item in items])
+            second = self.processor.texts([item["text_2"] for item in items])
             batch["input_ids_2"], batch["attention_mask_2"] = second["input_ids"], second["attention_mask"]
         return batch

@@ -39,8 +39,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, *, trunca
     """Load a tokenizer with ``AutoTokenizer`` from a local folder or a hub name.
 
     Args:
-        name_or_path: a ``save_pretrained`` folder (e.g. from :func:`train_wordpiece_tokenizer`) or a
-            hub id such as ``emilyalsentzer/Bio_ClinicalBERT`` (needs network or the HF cache).
+        name_or_path: a ``save_pretrained`` folder (e.g. from :func:`train_wordpiece_tokenizer`), a
+            hub id such as ``emilyalsentzer/Bio_ClinicalBERT`` (needs network or the HF cache), or a
+            weights spec ``package:<name>`` / ``hub:<id>`` (:mod:`medclipin.models.weights`).
         trust_remote_code: passed to ``AutoTokenizer`` (only for hub repos you trust).
         truncation_side: ``"right"`` or ``"left"`` (``TextConfig.truncation_side``); None keeps the
             tokenizer's own setting.
@@ -53,6 +54,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, *, trunca
 
     if not name_or_path:
         raise TokenizerError("no tokenizer given: set data.text.tokenizer to a hub name or a local folder")
+    if str(name_or_path).startswith(("package:", "hub:")):  # a weights spec (medclipin.models.weights)
+        from medclipin.models.weights import WeightsError, parse_weights
+
+        try:
+            name_or_path = parse_weights(str(name_or_path), "text").location
+        except WeightsError as exc:
+            raise TokenizerError(f"tokenizer: {exc}") from None
     path = Path(os.path.expanduser(str(name_or_path)))
     if not path.exists() and not _looks_like_hub_id(str(name_or_path)):
         raise TokenizerError(f"tokenizer folder not found: {name_or_path}")

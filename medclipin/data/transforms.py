@@ -87,6 +87,10 @@ class ImageTransform:
         self.channels = int(cfg.channels)
         if self.channels not in (1, 3):
             raise ValueError(f"image.channels must be 1 or 3, got {self.channels}")
+        mean, std = normalization(cfg)
+        # (x * scale - mean) / std as x * (scale / std) - mean / std, per channel
+        self._mul = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(-1, 1, 1)
+        self._sub = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(-1, 1, 1)
         ops = _train_ops(cfg) if self.train else [A.Resize(self.size, self.size, interpolation=cv2.INTER_AREA)]
         self.pipeline = A.Compose(ops)
         self._seed_pipeline(None)  # fresh entropy, one stream shared by all ops
@@ -129,11 +133,25 @@ class ImageTransform:
             tensor = tensor.permute(2, 0, 1)
         scale = 1.0 / 255.0 if tensor.dtype == torch.uint8 else 1.0
         tensor = tensor.float()
-        # (x * scale - mean) / std in one pass
-        tensor = tensor.mul_(scale / self.cfg.std).sub_(self.cfg.mean / self.cfg.std)
         if self.channels == 3 and tensor.shape[0] == 1:
             tensor = tensor.expand(3, -1, -1).contiguous()
-        return tensor
+        return tensor.mul_(self._mul * scale).sub_(self._sub)
+
+
+def normalization(cfg: ImageConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` with one value per channel. An empty config value means "not resolved yet" (the
+    processor fills it from the image tower's weights); the from-scratch default 0.5 / 0.25 applies."""
+    def values(v) -> tuple[float, ...]:
+        return (float(v),) if isinstance(v, (int, float)) else tuple(float(x) for x in v)
+
+    mean, std = values(cfg.mean) or (0.5,), values(cfg.std) or (0.25,)
+    channels = int(cfg.channels)
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise ValueError(f"data.image.{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"data.image.std must be > 0, got {std}")
+    return (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
 
 
 def build_image_transform(cfg: ImageConfig, train: bool) -> Callable[[np.ndarray], torch.Tensor]:

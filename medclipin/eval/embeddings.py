@@ -1,8 +1,11 @@
-"""One embedding path for every evaluation: a checkpoint and records in, L2-normalised embeddings out.
+"""One embedding path for every evaluation: a model, its processor and images/texts in, L2-normalised embeddings out.
 
 ``EmbeddingStore`` encodes each image and text once per model and keeps the result in memory and,
 when given a folder, on disk (safetensors keyed by the model's weights and the inputs), so zero-shot,
 retrieval, linear probe and Grad-CAM on one checkpoint never re-encode the same images.
+
+Images that cannot be read are not a crash: their rows are NaN, ``store.rejected`` names each file
+and why, and the evaluations drop those rows and report how many (:func:`readable_rows`).
 """
 
 from __future__ import annotations
@@ -14,40 +17,24 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from medclipin.atomic import atomic_open
-from medclipin.data.dataset import ImageTextDataset, TextImageCollator
+from medclipin.data.dataset import ImageTextDataset
 from medclipin.data.manifest import Record
-from medclipin.data.tokenizer import load_tokenizer
-from medclipin.models.model import WEIGHTS_NAME, MedClipModel
+from medclipin.data.processor import Processor
+from medclipin.models.model import MedClipModel
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_dir(path: str | os.PathLike) -> Path:
-    """Accept a model folder, a run folder (uses RUN/model) or a checkpoint folder (uses its model/)."""
-    path = Path(path)
-    for candidate in (path, path / "model"):
-        if (candidate / WEIGHTS_NAME).is_file() and (candidate / "config.json").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path}: no medclipin model here (expected {WEIGHTS_NAME} + config.json in it or in its model/ folder)"
-    )
-
-
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MedClipModel, object]:
-    """Load a saved model and its tokenizer for evaluation (eval mode, on ``device``)."""
-    model_dir = resolve_model_dir(path)
-    model = MedClipModel.from_pretrained(model_dir).to(device).eval()
-    return model, load_tokenizer(str(model_dir))
-
-
-def _model_fingerprint(model: MedClipModel) -> str:
+def _model_fingerprint(model: MedClipModel, processor: Processor) -> str:
     # cheap and exact enough: the saved configuration (towers, image geometry, tokenisation) and a
     # strided sample of values from every tensor
-    digest = hashlib.sha256(json.dumps(model.config_dict(), sort_keys=True, default=str).encode())
+    config = {"model": model.config_dict(), "processor": processor.to_dict()}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
         digest.update(name.encode())
@@ -55,25 +42,43 @@ def _model_fingerprint(model: MedClipModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def _as_record(item) -> Record:
+    """A manifest record, or a bare image path wrapped as one (its id is the path)."""
+    if isinstance(item, Record):
+        return item
+    path = os.fspath(item)
+    return Record(record_id=path, image_path=path)
+
+
+def readable_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of rows that hold an embedding (unreadable images are NaN rows)."""
+    return ~torch.isnan(embeddings).any(dim=1) if len(embeddings) else torch.zeros(0, dtype=torch.bool)
+
+
 class EmbeddingStore:
     """Image and text embeddings of one model, computed once.
 
     Args:
-        model, tokenizer: from :func:`load_model`.
+        model, processor: from :func:`medclipin.load`.
         cache_dir: optional folder for on-disk caching across processes (e.g. several CLI commands).
         image_cache: decode-once image cache from ``medclipin preprocess``.
         batch_size, num_workers: encoding throughput knobs.
+
+    Attributes:
+        rejected: image path → reason, for every image that could not be read.
     """
 
-    def __init__(self, model: MedClipModel, tokenizer, cache_dir: str | os.PathLike | None = None,
+    def __init__(self, model: MedClipModel, processor: Processor, cache_dir: str | os.PathLike | None = None,
                  image_cache: str = "", batch_size: int = 64, num_workers: int = 0):
-        self.model, self.tokenizer = model, tokenizer
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.model, self.processor = model, processor
         self.device = next(model.parameters()).device
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.image_cache, self.batch_size, self.num_workers = image_cache, batch_size, num_workers
-        self._fingerprint = _model_fingerprint(model)
+        self._fingerprint = _model_fingerprint(model, processor)
         self._memory: dict[str, torch.Tensor] = {}
-        self.collate = TextImageCollator(tokenizer, model.text_cfg.max_length)
+        self.rejected: dict[str, str] = {}
 
     @property
     def fingerprint(self) -> str:
@@ -110,7 +115,8 @@ class EmbeddingStore:
                 value = compute()
             finally:
                 self.model.train(was_training)
-            if path is not None:
+            # a result with unreadable rows is not written to disk: the file may be fixed next time
+            if path is not None and bool(readable_rows(value).all()):
                 from safetensors.torch import save
 
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,50 +128,80 @@ class EmbeddingStore:
         return value
 
     @torch.no_grad()
-    def images(self, records: Sequence[Record], features: str = "embedding") -> torch.Tensor:
-        """(N, D) image features of the records' images, in record order.
+    def images(self, items: Sequence[Record | str | os.PathLike], features: str = "embedding") -> torch.Tensor:
+        """(N, D) image features in input order; rows of unreadable images are NaN (see :attr:`rejected`).
 
         Args:
+            items: manifest records or image file paths.
             features: ``"embedding"`` — the L2-normalised contrastive embedding (zero-shot, retrieval);
                 ``"encoder"`` — the image tower's pooled feature before any projection (linear probe).
         """
         if features not in ("embedding", "encoder"):
             raise ValueError(f"features must be 'embedding' or 'encoder', got {features!r}")
+        records = [_as_record(item) for item in items]
         kind = "image" if features == "embedding" else "image-encoder"
         key = self._key(kind, [self._file_identity(r.image_path) for r in records])
         encode = self.model.encode_image if features == "embedding" else self.model.image_encoder
+        dim = self.model.embed_dim if features == "embedding" else self.model.image_encoder.out_dim
 
         def compute() -> torch.Tensor:
-            dataset = ImageTextDataset(records, self.model.image_cfg, self.model.text_cfg, train=False,
-                                       cache_dir=self.image_cache, require_text=False)
-            if len(dataset) != len(records):
-                raise FileNotFoundError(f"{len(records) - len(dataset)} image files are missing: {dict(dataset.skipped)}")
+            dataset = ImageTextDataset(records, self.processor, train=False, cache_dir=self.image_cache,
+                                       require_text=False, substitute_unreadable=False)
+            for path in dataset.missing:
+                self.rejected[path] = "image file missing"
+            out = torch.full((len(records), dim), float("nan"))
+            kept = [i for i, r in enumerate(records) if r.image_path not in dataset.missing]
+            if len(kept) != len(dataset):  # duplicated paths etc. cannot happen; a guard for the mapping below
+                raise RuntimeError("image dataset and records disagree")
             loader = DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                collate_fn=_stack_images)
-            chunks = [encode(batch.to(self.device)).float().cpu() for batch in loader]
-            if chunks:
-                return torch.cat(chunks)
-            dim = self.model.cfg.contrastive.embed_dim if features == "embedding" else self.model.image_encoder.out_dim
-            return torch.zeros(0, dim)
+                                collate_fn=_stack_readable)
+            for positions, images, rejected in loader:
+                for path, reason in rejected:
+                    self.rejected[path] = reason
+                if len(positions):
+                    rows = torch.tensor([kept[p] for p in positions])
+                    out[rows] = encode(images.to(self.device)).float().cpu()
+            if self.rejected:
+                bad = sum(1 for r in records if r.image_path in self.rejected)
+                if bad:
+                    log.warning("%d of %d images could not be read and are left out", bad, len(records))
+            return out
 
         return self._cached(key, compute)
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        """(N, D) normalised text embeddings, in order."""
+        """(N, D) normalised text embeddings, in order, tokenised by the model's processor."""
         key = self._key("text", list(texts))
 
         def compute() -> torch.Tensor:
             chunks = []
             for start in range(0, len(texts), self.batch_size):
-                tokens = self.collate.tokenize(list(texts[start:start + self.batch_size]))
+                tokens = self.processor.texts(list(texts[start:start + self.batch_size]))
                 tokens = {k: v.to(self.device) for k, v in tokens.items()}
                 chunks.append(self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
-            return torch.cat(chunks) if chunks else torch.zeros(0, self.model.cfg.contrastive.embed_dim)
+            return torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim)
 
         return self._cached(key, compute)
 
+    def rejected_records(self, records: Sequence[Record]) -> list[dict]:
+        """``[{"image_path", "reason"}]`` for the records whose image could not be read."""
+        return [{"image_path": r.image_path, "reason": self.rejected[r.image_path]}
+                for r in records if r.image_path in self.rejected]
 
-def _stack_images(items: list[dict]) -> torch.Tensor:
+
+def _stack_readable(items: list[dict]) -> tuple[list[int], torch.Tensor, list]:
     # module level (not a lambda) so DataLoader workers can pickle it
-    return torch.stack([item["image"] for item in items])
+    good = [item for item in items if item["image"] is not None]
+    rejected = [pair for item in items for pair in item.get("rejected", ())]
+    images = torch.stack([item["image"] for item in good]) if good else torch.zeros(0)
+    return [item["index"] for item in good], images, rejected
+
+
+def keep_readable(records: Sequence[Record], *arrays) -> tuple:
+    """``records`` and row-aligned arrays/tensors restricted to the rows of readable images.
+
+    The first array decides (its NaN rows are the unreadable images)."""
+    mask = readable_rows(torch.as_tensor(np.asarray(arrays[0]) if not torch.is_tensor(arrays[0]) else arrays[0]))
+    index = mask.nonzero().flatten().tolist()
+    return ([records[i] for i in index], *[a[mask.numpy()] if isinstance(a, np.ndarray) else a[mask] for a in arrays])

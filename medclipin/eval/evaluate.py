@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medclipin.data.cache import open_image_source
 from medclipin.data.manifest import Record
-from medclipin.data.reports import record_text
-from medclipin.data.transforms import build_image_transform
-from medclipin.eval.embeddings import EmbeddingStore
+from medclipin.eval.embeddings import EmbeddingStore, keep_readable
 from medclipin.eval.gradcam import (
     TextRelevance,
     box_to_input,
@@ -53,30 +50,41 @@ def zero_shot(store: EmbeddingStore, records: list[Record], prompts: PromptSet, 
     """
     if not records:
         raise ValueError("no records to evaluate")
+    records_all = list(records)
     check_prompt_classes(records, prompts)
     positive, negative = class_embeddings(store, prompts)
-    logit_scale = float(store.model.contrastive.logit_scale.detach().exp())
-    scores = zero_shot_scores(store.images(records), positive, negative, logit_scale).numpy()
+    logit_scale = float(store.model.logit_scale.detach().exp())
+    records, images = keep_readable(records, store.images(records))
+    scores = zero_shot_scores(images, positive, negative, logit_scale).numpy()
     labels = labels_matrix(records, prompts.class_names)
     result = classification_metrics(scores, labels, prompts.class_names, prompts.mode, bootstrap=bootstrap, seed=seed)
     result["logit_scale"] = logit_scale
+    result["unreadable_images"] = store.rejected_records(records_all)
     result["scores"] = scores
     result["labels"] = labels
     return result
 
 
 def retrieval(store: EmbeddingStore, records: list[Record], chunk_size: int = 512) -> dict:
-    """Image↔text R@1/5/10, mean and median rank; each record's report text is its image's match."""
-    texts = [record_text(r, store.model.text_cfg.sections) for r in records]
-    return retrieval_metrics(store.images(records), store.texts(texts), texts, chunk_size=chunk_size)
+    """Image↔text R@1/5/10, mean and median rank; each record's report text is its image's match.
+    Records whose image cannot be read are left out (and named under ``unreadable_images``)."""
+    all_records = list(records)
+    records, images = keep_readable(all_records, store.images(all_records))
+    texts = [store.processor.report_text(r) for r in records]
+    result = retrieval_metrics(images, store.texts(texts), texts, chunk_size=chunk_size)
+    result["unreadable_images"] = store.rejected_records(all_records)
+    return result
 
 
 def probe(store: EmbeddingStore, train_records: list[Record], test_records: list[Record], class_names: list[str],
           fractions=(0.01, 0.1, 1.0), seeds=(0, 1, 2), features: str = "encoder") -> dict:
-    """Linear probe on frozen image features of the store (see :mod:`medclipin.eval.probe`)."""
+    """Linear probe on frozen image features of the store (see :mod:`medclipin.eval.probe`); unreadable images
+    are left out."""
+    train_records, train_x = keep_readable(train_records, store.images(train_records, features=features))
+    test_records, test_x = keep_readable(test_records, store.images(test_records, features=features))
     return linear_probe(
-        store.images(train_records, features=features).numpy(), labels_matrix(train_records, class_names),
-        store.images(test_records, features=features).numpy(), labels_matrix(test_records, class_names),
+        train_x.numpy(), labels_matrix(train_records, class_names),
+        test_x.numpy(), labels_matrix(test_records, class_names),
         class_names, fractions=fractions, seeds=seeds,
     )
 
@@ -93,14 +101,15 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
     Args:
         limit: stop after this many pairs (None = all).
     """
-    model, tokenizer = store.model, store.tokenizer
-    image_cfg = model.image_cfg
-    source = open_image_source(image_cfg, store.image_cache)
-    transform = build_image_transform(image_cfg, train=False)
+    model, processor = store.model, store.processor
+    image_cfg = processor.image_cfg
+    source = processor.image_source(store.image_cache)
+    transform = processor.image_transform(train=False)
     device = next(model.parameters()).device
     text_cache: dict[str, torch.Tensor] = {}
     class_index = {name: i for i, name in enumerate(prompts.class_names)}
-    pairs = [(r, b) for r in records for b in r.boxes if b.label in class_index and r.labels.get(b.label) == 1.0]
+    pairs = [(r, b) for r in records for b in r.boxes if b.label in class_index and r.labels.get(b.label) == 1.0
+             and r.image_path not in store.rejected]
     if limit is not None:
         pairs = pairs[:limit]
     hits, ious, per_class, per_pair = [], [], {}, []
@@ -125,7 +134,7 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
             entry = {"record_id": record.record_id, "finding": box.label, "prompt": prompt, "hit": bool(hit),
                      "iou": iou, "box_input": [round(float(v), 2) for v in mapped]}
             if out_dir is not None and len(written) < figures:
-                relevance = text_relevance(model, tokenizer, shown, record_text(record, model.text_cfg.sections))
+                relevance = text_relevance(model, processor, shown, processor.report_text(record))
                 name = f"gradcam_{len(written):02d}_{box.label.replace(' ', '_').lower()}.png"
                 entry["figure"] = _pair_figure(Path(out_dir) / name, record, box, cam, mapped, pixels.shape[0],
                                                geometry, shown, image_cfg, relevance, prompt, hit)
@@ -161,11 +170,6 @@ def _pair_figure(path: Path, record: Record, box, cam: np.ndarray, mapped, sourc
                         words=np.array(relevance.words, dtype=str), word_scores=relevance.scores,
                         word_signed=relevance.signed)
     return str(path)
-
-
-def _display(tensor: torch.Tensor, image_cfg) -> np.ndarray:
-    """Kept for callers of the first version: see :func:`medclipin.eval.gradcam.display_image`."""
-    return display_image(tensor, image_cfg)
 
 
 def evaluate(store: EmbeddingStore, records: list[Record], prompts: PromptSet | None, out_dir: Path | None = None,

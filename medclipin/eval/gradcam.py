@@ -18,6 +18,7 @@ this model — not where disease is, and not a segmentation.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,20 +74,21 @@ def image_cam(model: MedClipModel, images: torch.Tensor, text_embeddings: torch.
     return np.asarray(maps, dtype=np.float32)
 
 
-def text_relevance(model: MedClipModel, tokenizer, image: torch.Tensor, text: str) -> TextRelevance:
-    """Per-word relevance of ``text`` for its similarity to one image (C, S, S)."""
+def text_relevance(model: MedClipModel, processor, image: torch.Tensor, text: str) -> TextRelevance:
+    """Per-word relevance of ``text`` for its similarity to one image (C, S, S), tokenised by the processor."""
     model.eval()
-    encoded = tokenizer([text], truncation=True, max_length=model.text_cfg.max_length, return_tensors="pt")
+    encoded = processor.encode_words(text)
     device = next(model.parameters()).device
     input_ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     with torch.no_grad():
         image_embedding = model.encode_image(image[None].to(device))
-    pooled, layer_input = model.text_encoder(input_ids, mask, return_hidden=True)
-    layer_input.retain_grad()
-    text_embedding = torch.nn.functional.normalize(model.text_proj(model.text_pre(pooled)), dim=-1)
-    (text_embedding * image_embedding).sum().backward()
+    with torch.enable_grad():
+        pooled, layer_input = model.text_encoder(input_ids, mask, return_hidden=True)
+        layer_input.retain_grad()
+        text_embedding = model.project_text(model.text_pre(pooled))
+        (text_embedding * image_embedding).sum().backward()
     token_scores = (layer_input.grad * layer_input).sum(-1)[0].detach().cpu().numpy()
-    special = set(tokenizer.all_special_ids)
+    special = set(processor.tokenizer.all_special_ids)
     ids = input_ids[0].tolist()
     word_ids = encoded.word_ids(0)
     words: dict[int, list[int]] = {}
@@ -262,37 +264,38 @@ def cam_to_original(cam: np.ndarray, geometry, source_side: int, original_shape:
     return np.clip(out, 0.0, 1.0)
 
 
-def model_input(model: MedClipModel, image_path: str, image_cache: str = ""):
-    """(tensor (C, S, S), geometry-normalised pixels, GeometryInfo) of one image, exactly as evaluation sees it."""
-    from medclipin.data.cache import open_image_source
-    from medclipin.data.transforms import build_image_transform
-
-    pixels, geometry = open_image_source(model.image_cfg, image_cache).load_with_geometry(image_path)
-    return build_image_transform(model.image_cfg, train=False)(pixels), pixels, geometry
+def model_input(processor, image, image_cache: str = ""):
+    """(tensor (C, S, S), geometry-normalised pixels, GeometryInfo) of one image (a path or an array), exactly
+    as evaluation sees it."""
+    pixels, geometry = processor.load_image(image, image_cache)
+    return processor.image_transform(train=False)(pixels), pixels, geometry
 
 
 def display_image(tensor: torch.Tensor, image_cfg) -> np.ndarray:
     """Undo the input normalisation for display: (S, S) or (S, S, 3) in [0, 1]."""
-    array = tensor.detach().cpu().float().numpy() * image_cfg.std + image_cfg.mean
+    from medclipin.data.transforms import normalization
+
+    mean, std = normalization(image_cfg)
+    array = tensor.detach().cpu().float().numpy()
+    array = array * np.asarray(std, np.float32)[:, None, None] + np.asarray(mean, np.float32)[:, None, None]
     array = np.clip(array, 0, 1)
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
-def text_embedding(model: MedClipModel, tokenizer, text: str) -> torch.Tensor:
+def text_embedding(model: MedClipModel, processor, text: str) -> torch.Tensor:
     """(D,) contrastive embedding of one sentence (no prompt ensemble: the sentence as typed)."""
     device = next(model.parameters()).device
-    encoded = tokenizer([text], truncation=True, max_length=model.text_cfg.max_length, return_tensors="pt")
+    encoded = processor.texts([text])
     with torch.no_grad():
         return model.encode_text(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))[0]
 
 
-def explain(model: MedClipModel, tokenizer, image_path: str, text: str, image_cache: str = "",
-            store=None) -> Explanation:
-    """Where in ``image_path`` and which words of ``text`` drive their similarity, for this model.
+def explain(model: MedClipModel, processor, image, text: str, image_cache: str = "", store=None) -> Explanation:
+    """Where in ``image`` and which words of ``text`` drive their similarity, for this model.
 
-    The image is decoded with :func:`~medclipin.data.readers.read_image` (for display) and loaded with
-    the model's own image geometry (``open_image_source(model.image_cfg).load_with_geometry``) for the
-    model, so the map is computed on exactly what evaluation sees and then mapped back onto the original.
+    ``image`` is a file path (decoded with :func:`~medclipin.data.readers.read_image` for display and
+    loaded through the processor for the model, so the map is computed on exactly what evaluation sees
+    and then mapped back onto the original) or an array (shown as given).
 
     Args:
         store: an :class:`~medclipin.eval.embeddings.EmbeddingStore` of this model; when given, the text
@@ -301,20 +304,23 @@ def explain(model: MedClipModel, tokenizer, image_path: str, text: str, image_ca
     from medclipin.data.readers import read_image
 
     model.eval()
-    tensor, pixels, geometry = model_input(model, image_path, image_cache)
+    tensor, pixels, geometry = model_input(processor, image, image_cache)
     device = next(model.parameters()).device
     if store is not None:
         embedding = store.texts([text])[0].to(device)
     else:
-        embedding = text_embedding(model, tokenizer, text)
+        embedding = text_embedding(model, processor, text)
     cam = image_cam(model, tensor[None].to(device), embedding[None])[0]
     with torch.no_grad():
         similarity = float((model.encode_image(tensor[None].to(device))[0] * embedding).sum())
-    relevance = text_relevance(model, tokenizer, tensor, text)
-    original = read_image(image_path, window=model.image_cfg.window).pixels
+    relevance = text_relevance(model, processor, tensor, text)
+    if isinstance(image, (str, os.PathLike)):
+        original = read_image(image, window=processor.image_cfg.window).pixels
+    else:
+        original = np.asarray(image, dtype=np.float32) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)
     cam_original = cam_to_original(cam, geometry, pixels.shape[0], original.shape[:2])
     return Explanation(text=text, similarity=similarity, cam=cam, cam_original=cam_original,
-                       model_input=display_image(tensor, model.image_cfg), original=original,
+                       model_input=display_image(tensor, processor.image_cfg), original=original,
                        relevance=relevance, geometry=geometry, source_side=int(pixels.shape[0]))
 
 

@@ -121,3 +121,43 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int = 5,
         best_scores, order = scores.topk(min(k, scores.shape[1]), dim=1)
         best_index = index.gather(1, order)
     return best_scores, best_index
+
+
+def query_reports(store, records, image, k: int) -> list[dict]:
+    """Top-k distinct reports of ``records`` for one image (a path): manifest row (1-based, in ``records``),
+    record id, score, and how many records share the text."""
+    import os
+
+    query = os.path.abspath(os.fspath(image))
+    embedding = store.images([query])
+    if torch.isnan(embedding).any():
+        from medclipin.data.readers import ImageReadError
+
+        raise ImageReadError(f"{image}: {store.rejected.get(query, 'cannot be read')}")
+    texts = [store.processor.report_text(r) for r in records]
+    groups = text_groups(texts)
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups.tolist()):
+        first.setdefault(g, i)
+    unique = sorted(first.values())
+    counts = groups.bincount()
+    scores, index = top_k(embedding, store.texts([texts[i] for i in unique]), k)
+    hits = []
+    for score, j in zip(scores[0].tolist(), index[0].tolist()):
+        i = unique[j]
+        hits.append({"row": i + 1, "record_id": records[i].record_id, "score": score,
+                     "records_with_this_report": int(counts[groups[i]]), "text": texts[i]})
+    return hits
+
+
+def query_images(store, records, sentence: str, k: int) -> list[dict]:
+    """Top-k images of ``records`` for one sentence: manifest row (1-based, in ``records``), record id, score.
+    Unreadable images are left out."""
+    images = store.images(records)
+    usable = (~torch.isnan(images).any(dim=1)).nonzero().flatten()
+    scores, index = top_k(store.texts([sentence]), images[usable], k)
+    hits = []
+    for s, j in zip(scores[0].tolist(), index[0].tolist()):
+        i = int(usable[j])
+        hits.append({"row": i + 1, "record_id": records[i].record_id, "score": s})
+    return hits

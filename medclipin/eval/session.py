@@ -53,11 +53,13 @@ def default_embedding_cache(model_dir: Path, out_dir: str | os.PathLike | None) 
 
 def open_store(args, out_dir: str | os.PathLike | None = None):
     """(EmbeddingStore, model folder, embedding cache folder or None) for a command's arguments."""
-    from medclipin.eval.embeddings import EmbeddingStore, load_model, resolve_model_dir
+    from medclipin.api import load, resolve_model_dir
+    from medclipin.eval.embeddings import EmbeddingStore
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_dir = resolve_model_dir(args.checkpoint)
-    model, tokenizer = load_model(model_dir, device=args.device)
-    model.float()  # evaluation runs in fp32 (bf16 is ~100x slower on CPUs without AMX)
+    model, processor = load(model_dir, device=args.device)  # fp32: bf16 is ~100x slower on CPUs without AMX
     choice = (args.embedding_cache or "").strip()
     if choice.lower() == "none":
         cache_dir = None
@@ -65,7 +67,7 @@ def open_store(args, out_dir: str | os.PathLike | None = None):
         cache_dir = Path(choice)
     else:
         cache_dir = default_embedding_cache(model_dir, out_dir)
-    store = EmbeddingStore(model, tokenizer, cache_dir=cache_dir, image_cache=args.image_cache,
+    store = EmbeddingStore(model, processor, cache_dir=cache_dir, image_cache=args.image_cache,
                            batch_size=args.batch_size, num_workers=args.num_workers)
     return store, model_dir, cache_dir
 

@@ -32,7 +32,8 @@ import torch
 from medclipin.config import load_config
 from medclipin.data.manifest import read_manifest
 from medclipin.data.synthetic import CLASS_NAMES, generate_synthetic_dataset
-from medclipin.eval.embeddings import EmbeddingStore, load_model
+from medclipin.api import load as load_model
+from medclipin.eval.embeddings import EmbeddingStore
 from medclipin.eval.evaluate import evaluate
 from medclipin.eval.metrics import labels_matrix
 from medclipin.eval.zeroshot import load_prompts

@@ -8,7 +8,7 @@ from medclipin.losses.clipin import (
     embedding_std,
     negative_cosine_pair,
 )
-from medclipin.losses.contrastive import ClipLoss, SigLipLoss, build_contrastive_loss
+from medclipin.losses.contrastive import ClipLoss, SigLipLoss, contrastive_loss
 from medclipin.losses.distributed import all_reduce_mean, gather_features, world_info
 from medclipin.losses.xclip import NclipLoss, PrototypeHead, build_nclip_loss
 
@@ -19,7 +19,7 @@ __all__ = [
     "PrototypeHead",
     "SigLipLoss",
     "all_reduce_mean",
-    "build_contrastive_loss",
+    "contrastive_loss",
     "build_nclip_loss",
     "clipin_inter_loss",
     "clipin_intra_loss",

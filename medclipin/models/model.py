@@ -1,19 +1,26 @@
-"""``MedClipModel``: image and text towers, projection heads, the training objective and the EMA target.
+"""``MedClipModel``: what inference needs — two towers, their projections to the joint space, the logit scale.
 
-The objective is part of the model because it owns parameters (temperature, SigLIP bias, CLIPin λ,
-xCLIP prototypes) that must be saved, loaded and optimised with the towers. Configuration alone
-chooses the objective: CLIP or SigLIP as the base, CLIPin and/or xCLIP on top.
+The model a user loads holds the image tower, the text tower, one projection per modality (with the
+CLIPin *shared pre-projector* in front when the model was trained with one), the learnable logit
+scale and, for SigLIP models, the logit bias. Training machinery — the CLIPin non-contrastive heads,
+predictors, loss weights and EMA target, the xCLIP prototype heads — belongs to the training
+objective (:mod:`medclipin.train.objective`), which wraps a model; an exported model folder never
+holds it (open_clip's library/app split).
+
+A model folder (``save_pretrained``) holds ``config.json`` (the architecture), ``model.safetensors``
+and, when saved with one, the :class:`~medclipin.data.processor.Processor` (``processor.json`` + the
+tokenizer). :func:`medclipin.load` opens a model, run or checkpoint folder in one call.
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,237 +28,187 @@ import torch.nn.functional as F
 from torch import nn
 
 from medclipin.atomic import replace_directory
-from medclipin.config import ImageConfig, ModelConfig, TextConfig, config_to_dict, _build
-from medclipin.losses import (
-    LossWeights,
-    NclipLoss,
-    build_contrastive_loss,
-    clipin_inter_loss,
-    clipin_intra_loss,
-    combine_clipin,
-    embedding_std,
-)
+from medclipin.config import (ContrastiveConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig, _build,
+                              config_to_dict)
+from medclipin.errors import MedclipinError
 from medclipin.models.encoders import ImageEncoder, TextEncoder
-from medclipin.models.heads import ClipinPredictors, NonContrastiveProjector
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 1: the model class also held the training objective (CLIPin heads, EMA target)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+KINDS = ("clip", "siglip")
 
-# Online modules mirrored by the EMA target (method.md: encoders, pre-projectors, non-contrastive projectors).
-TARGET_MODULES = ("image_encoder", "image_pre", "image_nc", "text_encoder", "text_pre", "text_nc")
+# Training-only parts that format-1 model folders stored next to the inference weights.
+_FORMAT1_TRAINING_PREFIXES = ("target.", "predictors.", "image_nc.", "text_nc.", "loss_weights.", "nclip.")
+
+
+class ModelFolderError(MedclipinError, FileNotFoundError):
+    """A path is not a loadable medclipin model folder; the message names the path and what is missing."""
 
 
 @dataclass
-class ModelOutput:
-    """What one training forward pass returns.
+class ModelSpec:
+    """The architecture of an inference model: everything ``config.json`` holds.
 
     Attributes:
-        loss: the scalar to back-propagate.
-        terms: detached loss terms and weights (``clip``/``siglip``, ``inter``, ``intra``, ``lambda_*``, ``nclip``...).
-        stats: detached monitors, e.g. ``std_image`` (per-dimension std of normalised embeddings; → 0 means collapse).
+        image_encoder, text_encoder: tower configurations (weights specs are not used when loading a folder).
+        kind: ``"clip"`` (softmax over scaled cosines) or ``"siglip"`` (sigmoid of scaled cosine + bias).
+        embed_dim: joint embedding size.
+        pre_dim: width of the shared pre-projector in front of each projection (CLIPin's; 0 = none).
+        image_size, in_chans: the image tower's input.
+        init_logit_scale, init_logit_bias, max_logit_scale: the temperature's start and bound.
     """
 
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_encoder: ImageEncoderConfig
+    text_encoder: TextEncoderConfig
+    kind: str = "clip"
+    embed_dim: int = 512
+    pre_dim: int = 0
+    image_size: int = 224
+    in_chans: int = 1
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float = 0.0
+    max_logit_scale: float = math.log(100)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, image_size: int, in_chans: int) -> "ModelSpec":
+        """The inference architecture a training config describes (CLIPin's pre-projector included)."""
+        contrastive: ContrastiveConfig = cfg.contrastive
+        kind = contrastive.kind.strip().lower()
+        if kind not in KINDS:
+            raise ValueError(f"model.contrastive.kind must be 'clip' or 'siglip', got {contrastive.kind!r}")
+        if kind == "clip":
+            if contrastive.init_temperature <= 0:
+                raise ValueError(f"model.contrastive.init_temperature must be > 0, got {contrastive.init_temperature}")
+            scale, bias = math.log(1.0 / contrastive.init_temperature), 0.0
+        else:
+            scale, bias = contrastive.siglip_init_logit_scale, contrastive.siglip_init_logit_bias
+        return cls(image_encoder=cfg.image_encoder, text_encoder=cfg.text_encoder, kind=kind,
+                   embed_dim=contrastive.embed_dim, pre_dim=cfg.clipin.pre_dim if cfg.clipin.enabled else 0,
+                   image_size=image_size, in_chans=in_chans, init_logit_scale=scale, init_logit_bias=bias,
+                   max_logit_scale=contrastive.max_logit_scale)
+
+    def to_dict(self) -> dict:
+        return {k: (config_to_dict(v) if k in ("image_encoder", "text_encoder") else v)
+                for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelSpec":
+        values = dict(values)
+        image = _build(ImageEncoderConfig, values.pop("image_encoder", {}), "image_encoder.")
+        text = _build(TextEncoderConfig, values.pop("text_encoder", {}), "text_encoder.")
+        known = {f for f in cls.__dataclass_fields__} - {"image_encoder", "text_encoder"}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}")
+        return cls(image_encoder=image, text_encoder=text, **values)
+
+
+def _projection_input(in_dim: int, pre_dim: int) -> nn.Module:
+    return nn.Linear(in_dim, pre_dim) if pre_dim else nn.Identity()
 
 
 class MedClipModel(nn.Module):
-    """A CLIP-style medical image–text model with optional CLIPin and xCLIP objectives.
+    """A CLIP-style medical image–text model for inference: embed, compare, classify, explain.
 
     Args:
-        cfg: model configuration (towers, base objective, CLIPin, xCLIP).
-        image_cfg: input geometry (size, channels) the image tower is built for.
-        text_cfg: tokenisation settings stored with the model for inference.
-        vocab_size: tokenizer size, needed when the text tower is built from config.
-        text_hf_config: exact HF config of a saved text tower (used by :meth:`from_pretrained`).
+        spec: the architecture (:class:`ModelSpec`; :meth:`from_config` builds one from a training config).
+        vocab_size: tokenizer size, needed when the text tower is built from configuration.
+        text_hf_config: exact HF config of a saved text tower (loading a folder rebuilds it, no download).
+
+    Attributes:
+        image_encoder, text_encoder: the towers (pooled features).
+        image_pre, text_pre: shared pre-projectors (CLIPin) or identities.
+        image_proj, text_proj: linear maps into the joint space.
+        logit_scale: log of the similarity scale; ``logit_bias``: SigLIP's bias (None for CLIP).
 
     Example:
-        >>> model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=len(tokenizer))
-        >>> out = model(batch); out.loss.backward(); optimizer.step(); model.after_optimizer_step(step, total)
+        >>> model, processor = medclipin.load("runs/demo")
+        >>> image = model.encode_image(processor.images(["chest.dcm"]))
+        >>> text = model.encode_text(**processor.texts(["pleural effusion.", "no pleural effusion."]))
+        >>> model.logits(image, text).softmax(-1)
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        image_cfg: ImageConfig,
-        text_cfg: TextConfig,
-        vocab_size: int | None = None,
-        text_hf_config: dict | None = None,
-    ):
+    def __init__(self, spec: ModelSpec, vocab_size: int | None = None, text_hf_config: dict | None = None):
         super().__init__()
-        self.cfg, self.image_cfg, self.text_cfg = cfg, image_cfg, text_cfg
-        self.image_encoder = ImageEncoder(cfg.image_encoder, in_chans=image_cfg.channels, image_size=image_cfg.size)
-        self.text_encoder = TextEncoder(cfg.text_encoder, vocab_size=vocab_size, hf_config=text_hf_config)
+        if spec.kind not in KINDS:
+            raise ValueError(f"model kind must be 'clip' or 'siglip', got {spec.kind!r}")
+        self.spec = spec
+        self.image_encoder = ImageEncoder(spec.image_encoder, in_chans=spec.in_chans, image_size=spec.image_size)
+        self.text_encoder = TextEncoder(spec.text_encoder, vocab_size=vocab_size, hf_config=text_hf_config)
         d_img, d_txt = self.image_encoder.out_dim, self.text_encoder.out_dim
-        clipin, embed_dim = cfg.clipin, cfg.contrastive.embed_dim
-        if clipin.enabled:
-            self.image_pre: nn.Module = nn.Linear(d_img, clipin.pre_dim)
-            self.text_pre: nn.Module = nn.Linear(d_txt, clipin.pre_dim)
-            d_img = d_txt = clipin.pre_dim
-        else:
-            self.image_pre = nn.Identity()
-            self.text_pre = nn.Identity()
-        self.image_proj = nn.Linear(d_img, embed_dim)
-        self.text_proj = nn.Linear(d_txt, embed_dim)
-        self.contrastive = build_contrastive_loss(cfg.contrastive)
-        if clipin.enabled:
-            self.image_nc = NonContrastiveProjector(clipin.pre_dim, clipin.nc_dim)
-            self.text_nc = NonContrastiveProjector(clipin.pre_dim, clipin.nc_dim)
-            self.predictors = ClipinPredictors(clipin.nc_dim, clipin.predictor_hidden)
-            self.loss_weights = LossWeights(
-                lambda_intra=clipin.lambda_intra, lambda_clip=clipin.lambda_clip,
-                learnable=clipin.learnable_lambda, lambda_max=clipin.lambda_max,
-            )
-            self.target = nn.ModuleDict()
-            self.reset_target()
-        if cfg.xclip.enabled:
-            x = cfg.xclip
-            self.nclip = NclipLoss(
-                self.image_encoder.out_dim, self.text_encoder.out_dim, x.head_hidden, x.head_dim, x.num_prototypes,
-                student_temperature=x.student_temperature, teacher_temperature=x.teacher_temperature,
-                entropy_weight=x.entropy_weight,
-            )
+        self.image_pre = _projection_input(d_img, spec.pre_dim)
+        self.text_pre = _projection_input(d_txt, spec.pre_dim)
+        self.image_proj = nn.Linear(spec.pre_dim or d_img, spec.embed_dim)
+        self.text_proj = nn.Linear(spec.pre_dim or d_txt, spec.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(spec.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(spec.init_logit_bias))) if spec.kind == "siglip" else None
 
-    # ------------------------------------------------------------------ properties
-    @property
-    def uses_clipin(self) -> bool:
-        return self.cfg.clipin.enabled
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, image_size: int, in_chans: int, vocab_size: int | None = None,
+                    ) -> "MedClipModel":
+        """Build (and load pretrained tower weights) as a training config says."""
+        return cls(ModelSpec.from_config(cfg, image_size, in_chans), vocab_size=vocab_size)
 
     @property
-    def needs_two_views(self) -> bool:
-        """CLIPin's target branch sees second image and text views."""
-        return self.cfg.clipin.enabled
+    def kind(self) -> str:
+        return self.spec.kind
 
-    # ------------------------------------------------------------------ EMA target
-    def reset_target(self) -> None:
-        """Make the target an exact copy of the online modules (call after loading pretrained weights)."""
-        if not self.uses_clipin:
-            return
-        for name in TARGET_MODULES:
-            module = copy.deepcopy(getattr(self, name))
-            for parameter in module.parameters():
-                parameter.requires_grad_(False)
-            _disable_grad_checkpointing(module)  # the target runs under no_grad: nothing to recompute
-            self.target[name] = module
-        self.train(self.training)  # the target's modes follow the model's (and clipin.target_dropout)
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
 
-    def target_momentum(self, step: int, total_steps: int) -> float:
-        """m for this step: fixed (reference code, 0.95) or a cosine schedule from m to 1."""
-        base = self.cfg.clipin.momentum
-        if self.cfg.clipin.momentum_schedule == "fixed" or total_steps <= 0:
-            return base
-        if self.cfg.clipin.momentum_schedule != "cosine":
-            raise ValueError(f"model.clipin.momentum_schedule must be 'fixed' or 'cosine', got {self.cfg.clipin.momentum_schedule!r}")
-        return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.0) / 2.0
+    # ------------------------------------------------------------------ features
+    def image_features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled tower feature, pre-projector output)`` — what training objectives branch from."""
+        pooled = self.image_encoder(image)
+        return pooled, self.image_pre(pooled)
 
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """ξ ← m·ξ + (1 − m)·θ for parameters; BatchNorm running statistics are copied (they are not weights)."""
-        online_params, target_params = [], []
-        for name in TARGET_MODULES:
-            online, target = getattr(self, name), self.target[name]
-            online_params.extend(online.parameters())
-            target_params.extend(target.parameters())
-            for b_online, b_target in zip(online.buffers(), target.buffers()):
-                b_target.copy_(b_online)
-        # one fused multi-tensor op instead of a Python loop over hundreds of tensors
-        torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pooled tower feature, pre-projector output)`` of tokenised texts."""
+        pooled = self.text_encoder(input_ids, attention_mask)
+        return pooled, self.text_pre(pooled)
 
-    def train(self, mode: bool = True) -> "MedClipModel":
-        """``nn.Module.train``, except that with ``model.clipin.target_dropout: false`` the target's encoders
-        draw no dropout or drop-path masks (batch-norm layers, as in BYOL, still use batch statistics)."""
-        super().train(mode)
-        if mode and self.uses_clipin and not self.cfg.clipin.target_dropout:
-            for name in ("image_encoder", "text_encoder"):
-                _switch_off_dropout(self.target[name])
-        return self
+    def project_image(self, pre: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        out = self.image_proj(pre)
+        return F.normalize(out, dim=-1) if normalize else out
 
-    @torch.no_grad()
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Per-step bookkeeping: clamp temperatures and λ, update the EMA target."""
-        self.contrastive.clamp_()
-        if self.uses_clipin:
-            self.loss_weights.clamp_()
-            self.update_target(self.target_momentum(step, total_steps))
+    def project_text(self, pre: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        out = self.text_proj(pre)
+        return F.normalize(out, dim=-1) if normalize else out
 
-    # ------------------------------------------------------------------ encoding
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """L2-normalised contrastive image embeddings (B, embed_dim)."""
-        return F.normalize(self.image_proj(self.image_pre(self.image_encoder(image))), dim=-1)
+    def encode_image(self, image: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings (B, embed_dim), L2-normalised unless ``normalize=False``."""
+        return self.project_image(self.image_features(image)[1], normalize)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """L2-normalised contrastive text embeddings (B, embed_dim)."""
-        return F.normalize(self.text_proj(self.text_pre(self.text_encoder(input_ids, attention_mask))), dim=-1)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings (B, embed_dim), L2-normalised unless ``normalize=False``."""
+        return self.project_text(self.text_features(input_ids, attention_mask)[1], normalize)
+
+    # ------------------------------------------------------------------ scores
+    def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(N_images, N_texts) scaled cosines ``exp(logit_scale) · I Tᵀ`` (+ the SigLIP bias)."""
+        logits = self.logit_scale.exp() * image_embeddings @ text_embeddings.T
+        return logits + self.logit_bias if self.logit_bias is not None else logits
 
     def similarity(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of paired images and texts (B,): the score Grad-CAM explains."""
         return (self.encode_image(image) * self.encode_text(input_ids, attention_mask)).sum(-1)
 
-    # ------------------------------------------------------------------ training forward
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        h_img = self.image_encoder(batch["image"])
-        h_txt = self.text_encoder(batch["input_ids"], batch["attention_mask"])
-        p_img, p_txt = self.image_pre(h_img), self.text_pre(h_txt)
-        c_img = F.normalize(self.image_proj(p_img), dim=-1)
-        c_txt = F.normalize(self.text_proj(p_txt), dim=-1)
-        base = self.contrastive(c_img, c_txt)
-        base_name = self.cfg.contrastive.kind
-        terms: dict[str, torch.Tensor] = {base_name: base.detach(), "logit_scale": self.contrastive.logit_scale.detach()}
-        stats = {"std_image": embedding_std(c_img.detach()), "std_text": embedding_std(c_txt.detach())}
-
-        if self.uses_clipin:
-            loss, clipin_terms = self._clipin_loss(batch, p_img, p_txt, base, stats)
-            terms.update(clipin_terms)
-        else:
-            loss = base
-        if self.cfg.xclip.enabled:
-            nclip, nclip_terms = self.nclip(h_img, h_txt)
-            terms.update(nclip_terms)
-            terms["nclip"] = nclip.detach()
-            loss = loss + self.cfg.xclip.nclip_weight * nclip
-        return ModelOutput(loss=loss, terms=terms, stats=stats)
-
-    def _clipin_loss(self, batch, p_img, p_txt, base, stats):
-        z_img, z_txt = self.image_nc(p_img), self.text_nc(p_txt)
-        image_2 = batch.get("image_2", batch["image"])
-        ids_2 = batch.get("input_ids_2", batch["input_ids"])
-        mask_2 = batch.get("attention_mask_2", batch["attention_mask"])
-        with torch.no_grad():
-            t = self.target
-            zbar_img = F.normalize(t["image_nc"](t["image_pre"](t["image_encoder"](image_2))), dim=-1)
-            zbar_txt = F.normalize(t["text_nc"](t["text_pre"](t["text_encoder"](ids_2, mask_2))), dim=-1)
-        pred = self.predictors
-        cfg = self.cfg.clipin
-        zero = base.new_zeros(())
-        l_inter = (
-            clipin_inter_loss(pred.image_inter(z_img), pred.text_inter(z_txt), zbar_img, zbar_txt)
-            if cfg.use_inter else zero
-        )
-        l_intra = (
-            clipin_intra_loss(pred.image_intra(z_img), pred.text_intra(z_txt), zbar_img, zbar_txt)
-            if cfg.use_intra else zero
-        )
-        stats["std_nc_image"] = embedding_std(F.normalize(z_img.detach(), dim=-1))
-        stats["std_nc_text"] = embedding_std(F.normalize(z_txt.detach(), dim=-1))
-        return combine_clipin(
-            l_inter, l_intra, base, self.loss_weights,
-            use_inter=cfg.use_inter, use_intra=cfg.use_intra, use_contrastive=cfg.use_contrastive,
-        )
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep ``logit_scale`` in ``[0, max_logit_scale]`` (the trainer calls it after every step)."""
+        self.logit_scale.clamp_(0.0, self.spec.max_logit_scale)
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "model": config_to_dict(self.cfg),
-            "image": config_to_dict(self.image_cfg),
-            "text": config_to_dict(self.text_cfg),
-            "text_hf_config": self.text_encoder.hf_config(),
-        }
+        return {"format_version": FORMAT_VERSION, "model": self.spec.to_dict(),
+                "text_hf_config": self.text_encoder.hf_config()}
 
-    def save_pretrained(self, directory: str | os.PathLike, tokenizer=None) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer) into ``directory``, atomically.
+    def save_pretrained(self, directory: str | os.PathLike, processor=None) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (+ the processor) into ``directory``, atomically.
 
         The folder is assembled next to its destination and renamed into place, so an interrupted save
         never leaves a half-written model where a complete one was.
@@ -264,8 +221,8 @@ class MedClipModel(nn.Module):
         try:
             save_model(self, str(staging / WEIGHTS_NAME))
             (staging / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(staging))
+            if processor is not None:
+                processor.save_pretrained(staging)
             replace_directory(staging, directory)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -273,46 +230,96 @@ class MedClipModel(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "MedClipModel":
-        """Rebuild a saved model from its folder without any download (weights via safetensors only)."""
-        from safetensors.torch import load_model
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MedClipModel":
+        """Rebuild a saved model from its folder without any download (weights via safetensors only).
 
+        Folders written before the model/objective split (format 1) load too: their training-only tensors
+        (EMA target, predictors, non-contrastive heads) are left out.
+        """
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory}: not a medclipin model folder (no {CONFIG_NAME})")
-        saved = json.loads(config_path.read_text())
-        model_cfg = _build(ModelConfig, saved["model"], "model.")
-        # the saved text tower is rebuilt from its exact HF config, never re-downloaded
-        model_cfg.text_encoder.pretrained = ""
-        model_cfg.image_encoder.pretrained = ""
-        model = cls(
-            model_cfg, _build(ImageConfig, saved["image"], "image."), _build(TextConfig, saved["text"], "text."),
-            text_hf_config=saved["text_hf_config"],
-        )
-        load_model(model, str(directory / WEIGHTS_NAME), device=map_location)
+        saved = read_model_config(directory)
+        if int(saved.get("format_version", 1)) == 1:
+            return _load_format1(cls, directory, saved, map_location)
+        try:
+            spec = ModelSpec.from_dict(saved["model"])
+        except (KeyError, TypeError, ValueError, MedclipinError) as exc:
+            raise ModelFolderError(f"{directory / CONFIG_NAME}: not a valid medclipin model config ({exc})") from None
+        spec.image_encoder.pretrained = spec.text_encoder.pretrained = ""  # weights come from the folder
+        _check_size(directory / WEIGHTS_NAME)
+        model = cls(spec, text_hf_config=saved.get("text_hf_config"))
+        _load_weights(model, directory / WEIGHTS_NAME, map_location)
         return model
 
 
-_BATCH_NORM = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+def read_model_config(directory: Path) -> dict:
+    """``config.json`` of a model folder, with a one-line error for anything else."""
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise ModelFolderError(f"{directory}: no such model folder")
+    if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+        raise ModelFolderError(f"{directory}: not a medclipin model folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        saved = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(f"{config_path}: not readable JSON ({exc})") from None
+    if not isinstance(saved, dict):
+        raise ModelFolderError(f"{config_path}: top level must be an object")
+    version = saved.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelFolderError(f"{config_path}: format_version {version!r} is newer than this medclipin "
+                               f"understands ({FORMAT_VERSION}); upgrade medclipin")
+    return saved
 
 
-def _switch_off_dropout(encoder: nn.Module) -> None:
-    """Eval mode for a target encoder without batch norm (a ViT or BERT: its only train-mode behaviour is
-    dropout, including the attention dropout HF passes to SDPA when the attention module is training);
-    with batch norm (a ResNet), eval mode for its dropout and drop-path modules only."""
-    if not any(isinstance(m, _BATCH_NORM) for m in encoder.modules()):
-        encoder.eval()
-        return
-    for module in encoder.modules():
-        if isinstance(module, nn.Dropout) or type(module).__name__ == "DropPath":
-            module.eval()
+def _check_size(path: Path) -> None:
+    """Refuse a weights file whose header is implausible before safetensors allocates anything."""
+    import struct
+
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    if len(head) < 8:
+        raise ModelFolderError(f"{path}: truncated weights file ({size} bytes)")
+    header = struct.unpack("<Q", head)[0]
+    if header > min(size - 8, 100 << 20):
+        raise ModelFolderError(f"{path}: corrupt weights file (header of {header} bytes in a {size}-byte file)")
 
 
-def _disable_grad_checkpointing(module: nn.Module) -> None:
-    if isinstance(module, ImageEncoder) and hasattr(module.model, "set_grad_checkpointing"):
-        module.model.set_grad_checkpointing(False)
-    elif isinstance(module, TextEncoder) and any(getattr(m, "gradient_checkpointing", False) is True
-                                                 for m in module.model.modules()):
-        disable = getattr(module.model, "activation_checkpointing_disable", None) or module.model.gradient_checkpointing_disable
-        disable()
+def _load_weights(model: nn.Module, path: Path, map_location, drop_prefixes: tuple[str, ...] = (),
+                  rename: dict[str, str] | None = None) -> None:
+    """Strictly load a safetensors file into ``model``; shapes and names are checked before copying."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"{path}: cannot read weights ({exc})") from None
+    state = {(rename or {}).get(k, k): v for k, v in state.items() if not k.startswith(drop_prefixes)}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
+                            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                                ("wrong shape", wrong)) if keys)
+        raise ModelFolderError(f"{path}: weights do not match the model in config.json ({details})")
+    model.load_state_dict(state, strict=True)
+
+
+def _load_format1(cls, directory: Path, saved: dict, map_location) -> MedClipModel:
+    """A model folder written before the model/objective split: inference weights only, renamed."""
+    try:
+        model_cfg = _build(ModelConfig, saved["model"], "model.")
+        image = saved["image"]
+        spec = ModelSpec.from_config(model_cfg, int(image.get("size", 224)), int(image.get("channels", 1)))
+    except (KeyError, TypeError, ValueError, MedclipinError) as exc:
+        raise ModelFolderError(f"{directory / CONFIG_NAME}: not a valid medclipin model config ({exc})") from None
+    spec.image_encoder.pretrained = spec.text_encoder.pretrained = ""
+    _check_size(directory / WEIGHTS_NAME)
+    model = cls(spec, text_hf_config=saved.get("text_hf_config"))
+    _load_weights(model, directory / WEIGHTS_NAME, map_location, drop_prefixes=_FORMAT1_TRAINING_PREFIXES,
+                  rename={"contrastive.logit_scale": "logit_scale", "contrastive.logit_bias": "logit_bias"})
+    log.info("%s: a format-1 model folder (before medclipin 0.2); loaded its inference weights", directory)
+    return model

@@ -1,7 +1,9 @@
 """Checkpoints that survive anything.
 
 A checkpoint is a folder ``RUN/checkpoints/step_00001200/`` holding the model in its
-``save_pretrained`` form (``model.safetensors`` + ``config.json`` + tokenizer) and
+``save_pretrained`` form (``model/``: ``model.safetensors`` + ``config.json`` + processor and tokenizer,
+loadable for evaluation like any model folder), the training objective's own tensors
+(``objective.safetensors``: CLIPin heads, predictors, λ, EMA target; xCLIP heads) and
 ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, counters). The folder is
 assembled under a temporary name and renamed into place in one ``os.replace``: a kill at any moment
 leaves either the complete new checkpoint or none, and the previous one is intact. Loading uses
@@ -22,10 +24,16 @@ import numpy as np
 import torch
 
 from medclipin.atomic import replace_directory
-from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, MedClipModel
+from medclipin.errors import MedclipinError
+from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, read_model_config, _load_weights
 
 log = logging.getLogger(__name__)
 STATE_NAME = "training_state.pt"
+OBJECTIVE_NAME = "objective.safetensors"
+
+
+class CheckpointError(MedclipinError, RuntimeError):
+    """A checkpoint cannot be resumed from; the message names the folder and why."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -66,14 +74,22 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def save_checkpoint(run_dir, step: int, model: MedClipModel, tokenizer, training_state: dict, keep: int = 3) -> Path:
-    """Write a complete checkpoint atomically, then delete all but the newest ``keep``."""
+def save_checkpoint(run_dir, step: int, objective, processor, training_state: dict, keep: int = 3) -> Path:
+    """Write a complete checkpoint atomically, then delete all but the newest ``keep``.
+
+    Args:
+        objective: the :class:`~medclipin.train.objective.TrainingObjective` (its ``model`` goes to ``model/``).
+        processor: saved beside the model, so ``model/`` is a complete model folder.
+    """
+    from safetensors.torch import save_file
+
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(final.parent)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step:08d}.tmp"))
     try:
-        model.save_pretrained(staging / "model", tokenizer=tokenizer)
+        objective.model.save_pretrained(staging / "model", processor=processor)
+        save_file({k: v.contiguous() for k, v in objective.training_state_dict().items()}, str(staging / OBJECTIVE_NAME))
         torch.save({**training_state, "step": step}, staging / STATE_NAME)
         _fsync_tree(staging)
         replace_directory(staging, final)  # re-saving a step (a resumed run) swaps, never deletes first
@@ -128,6 +144,11 @@ def is_valid_checkpoint(path: Path) -> bool:
     return all((path / name).is_file() for name in (STATE_NAME, f"model/{WEIGHTS_NAME}", f"model/{CONFIG_NAME}"))
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """A folder that looks like a checkpoint (a training state next to a model folder)."""
+    return (path / STATE_NAME).is_file() and (path / "model").is_dir()
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     """The newest checkpoint whose files are all present, or None."""
     for path in reversed(list_checkpoints(run_dir)):
@@ -142,8 +163,22 @@ def load_training_state(path: Path) -> dict:
     return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
 
 
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a checkpoint's safetensors weights into an already built model (strict)."""
-    from safetensors.torch import load_model
+def load_checkpoint_weights(objective, path: Path) -> None:
+    """Load a checkpoint's model and objective tensors into an already built objective (strict, shapes checked).
 
-    load_model(model, str(path / "model" / WEIGHTS_NAME), device="cpu")
+    Raises:
+        CheckpointError: the checkpoint predates the model/objective split (format 1), or does not match
+            the configuration (another architecture or objective).
+    """
+    from safetensors.torch import load_file
+
+    saved = read_model_config(path / "model")
+    if int(saved.get("format_version", 1)) < 2 or not (path / OBJECTIVE_NAME).is_file():
+        raise CheckpointError(
+            f"{path}: written by medclipin before the model/objective split (format 1). Its model/ folder loads "
+            "for evaluation (medclipin.load), but training cannot resume from it: start a new run folder")
+    try:
+        _load_weights(objective.model, path / "model" / WEIGHTS_NAME, "cpu")
+        objective.load_training_state_dict(load_file(str(path / OBJECTIVE_NAME)))
+    except (ValueError, MedclipinError) as exc:
+        raise CheckpointError(f"{path}: does not match this run's configuration ({exc})") from None

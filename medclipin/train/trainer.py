@@ -6,17 +6,18 @@ Run folder layout::
     RUN/metrics.csv          one row per logged step (step, epoch, loss, lr, grad_norm, samples_per_s, terms, monitors)
     RUN/validation.jsonl     one line per validation (step, score, R@K, zero-shot AUC), when validation runs
     RUN/tensorboard/         the same scalars, when the ``tensorboard`` package is installed
-    RUN/tokenizer/           the tokenizer (trained on the train split when none is configured)
+    RUN/tokenizer/           the WordPiece tokenizer trained on the train split (towers built from config only)
+    RUN/rejects.csv          images that could not be read (path, reason), when there were any
     RUN/checkpoints/step_*/  atomic checkpoints (the newest ``train.keep_checkpoints`` kept)
-    RUN/model/               the final model (save_pretrained form)
+    RUN/model/               the final model with its processor (save_pretrained form; ``medclipin.load``)
     RUN/best/                the best model by validation score (when validation runs)
 
 This module is the run and its files (set-up, data order, resume, checkpoints, logging, validation);
 one optimiser step — autocast, accumulation, clipping, the non-finite guard — is
 :class:`medclipin.train.step.TrainStep`.
 
-Resuming is exact: the checkpoint holds the weights (EMA target included: it is part of the model's
-state), optimiser, scheduler, scaler, every rank's RNG state and the number of micro-batches consumed.
+Resuming is exact: the checkpoint holds the model, the objective's own state (EMA target, CLIPin
+heads, λ), optimiser, scheduler, scaler, every rank's RNG state and the number of micro-batches consumed.
 The data order is a function of (seed, epoch) and augmentation of (seed, epoch, index), so the resumed
 run rebuilds the epoch's index list, skips the consumed batches and continues bit-for-bit.
 """
@@ -36,15 +37,19 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from medclipin.atomic import atomic_open
 from medclipin.config import Config, save_config
+from medclipin.errors import MedclipinError
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator
 from medclipin.data.manifest import read_manifest
+from medclipin.data.processor import Processor
 from medclipin.data.reports import record_text
 from medclipin.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
 from medclipin.models.model import MedClipModel
+from medclipin.models.weights import resolve_normalization
+from medclipin.train.objective import TrainingObjective
 from medclipin.train import checkpoint as ckpt
 from medclipin.train.distributed import DistInfo, cleanup, init_distributed
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
-from medclipin.train.optim import build_optimizer, build_scheduler
+from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
 from medclipin.train.step import (  # noqa: F401  (re-exported: the public names of the training engine)
     NonFiniteLossError,
     TrainStep,
@@ -57,6 +62,10 @@ from medclipin.train.step import (  # noqa: F401  (re-exported: the public names
 log = logging.getLogger(__name__)
 
 
+class UnreadableImagesError(MedclipinError, RuntimeError):
+    """More training images could not be read than ``data.max_bad_fraction`` allows."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -67,12 +76,16 @@ class TrainResult:
     skipped_nonfinite: int = 0
     skipped_records: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)
+    rejects_path: Path | None = None
 
 
 def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], is_main: bool = True):
-    """The configured tokenizer, or a WordPiece tokenizer trained on the train split's reports."""
+    """The configured tokenizer; else a pretrained text tower's own; else a WordPiece tokenizer trained on
+    the train split's reports."""
     if cfg.data.text.tokenizer:
         return load_tokenizer(cfg.data.text.tokenizer)
+    if cfg.model.text_encoder.pretrained:
+        return load_tokenizer(cfg.model.text_encoder.pretrained)
     folder = run_dir / "tokenizer"
     if not (folder / "tokenizer.json").is_file() and is_main:
         train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=folder)
@@ -81,19 +94,11 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], is_mai
     return load_tokenizer(str(folder))
 
 
-def convert_sync_batchnorm(model: MedClipModel, device: torch.device) -> None:
-    """SyncBatchNorm in the CLIPin heads (non-contrastive projectors, predictors, and their EMA copies).
-
-    With it the heads' BatchNorms normalise over the global batch, as one process would; without it
-    each rank uses its own batch statistics (the usual DDP behaviour). torch's SyncBatchNorm is GPU-only.
-    """
-    if device.type != "cuda":
-        raise ValueError("model.clipin.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is GPU-only); "
-                         "set it to false for CPU runs")
-    for name in ("image_nc", "text_nc", "predictors"):
-        setattr(model, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(getattr(model, name)))
-    for name in ("image_nc", "text_nc"):
-        model.target[name] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.target[name])
+def prepare_processor(cfg: Config, run_dir: Path, train_records: list, is_main: bool = True) -> Processor:
+    """The run's processor: resolved image normalisation, the tokenizer (:func:`prepare_tokenizer`), text settings."""
+    resolve_normalization(cfg)
+    texts = [record_text(r, cfg.data.text.sections) for r in train_records]
+    return Processor(cfg.data.image, cfg.data.text, prepare_tokenizer(cfg, run_dir, texts, is_main))
 
 
 def epoch_indices(sampler: DistributedSampler, epoch: int) -> list[int]:
@@ -112,8 +117,9 @@ class BatchStream:
     """
 
     def __init__(self, dataset: ImageTextDataset, sampler: DistributedSampler, local_batch: int, collate,
-                 num_workers: int, pin_memory: bool, seed: int, consumed: int = 0):
+                 num_workers: int, pin_memory: bool, seed: int, consumed: int = 0, on_rejected=None):
         self.dataset, self.sampler, self.local_batch, self.collate = dataset, sampler, local_batch, collate
+        self.on_rejected = on_rejected
         self.num_workers, self.pin_memory, self.seed = num_workers, pin_memory, seed
         self.batches_per_epoch = len(sampler) // local_batch
         self.consumed = consumed
@@ -138,6 +144,9 @@ class BatchStream:
             self._iterator = self._open(self.epoch, 0)
             batch = next(self._iterator)
         self.consumed += 1
+        rejected = batch.pop("rejected", None)
+        if rejected and self.on_rejected is not None:
+            self.on_rejected(rejected)
         return batch
 
 
@@ -197,7 +206,7 @@ def pretrain(
         resume: ``""`` (fresh), ``"auto"`` (newest valid checkpoint in run_dir; fresh when none) or a
             checkpoint folder.
         progress: show a progress bar (terminal) or log lines (otherwise).
-        validate_fn: ``fn(model, tokenizer, step) -> dict`` with a ``"score"`` key (higher is better),
+        validate_fn: ``fn(model, processor, step) -> dict`` with a ``"score"`` key (higher is better),
             called every ``train.validate_every`` steps and at the end on the main process; the best
             model is kept in ``RUN/best``. See :func:`medclipin.train.validation.build_validate_fn`.
 
@@ -230,6 +239,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     start_path = _resolve_start(run_dir, resume)
+    resolve_normalization(cfg)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -238,20 +248,18 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     train_records = manifest.split("train")
     if not train_records:
         raise ValueError(f"{cfg.data.manifest}: no records in the train split")
-    tokenizer = prepare_tokenizer(
-        cfg, run_dir, [record_text(r, cfg.data.text.sections) for r in train_records], dist_info.is_main
-    )
+    processor = prepare_processor(cfg, run_dir, train_records, dist_info.is_main)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=len(tokenizer))
+    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                     vocab_size=processor.vocab_size)
+    objective = TrainingObjective(model, cfg.model)
     if cfg.model.clipin.enabled and cfg.model.clipin.sync_batchnorm and dist_info.enabled:
-        convert_sync_batchnorm(model, device)
-    model.to(device)
+        objective.convert_sync_batchnorm(device)
+    objective.to(device)
     torch.manual_seed(tcfg.seed + dist_info.rank)  # per-rank dropout streams
 
-    dataset = ImageTextDataset(
-        train_records, cfg.data.image, cfg.data.text, train=True, two_views=model.needs_two_views,
-        cache_dir=cfg.data.cache, seed=tcfg.seed,
-    )
+    dataset = ImageTextDataset(train_records, processor, train=True, two_views=objective.needs_two_views,
+                               cache_dir=cfg.data.cache, seed=tcfg.seed)
     global_batch = tcfg.batch_size
     if global_batch % dist_info.world_size:
         raise ValueError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
@@ -260,14 +268,14 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
         raise ValueError(f"train split has {len(dataset)} usable records, fewer than train.batch_size={global_batch}")
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=tcfg.seed, drop_last=True)
-    collate = TextImageCollator(tokenizer, cfg.data.text.max_length, cfg.data.text.truncation_side)
+    collate = TextImageCollator(processor)
 
-    optimizer = build_optimizer(model, tcfg, device)
+    optimizer = build_optimizer(objective, tcfg, device, lrs=tower_learning_rates(model, tcfg))
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, consumed, nonfinite_total, best = 0, 0, 0, {}
     if start_path is not None:
-        ckpt.load_model_weights(model, start_path)
+        ckpt.load_checkpoint_weights(objective, start_path)
         state = ckpt.load_training_state(start_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -280,19 +288,19 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     elif resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
 
-    train_module: torch.nn.Module = model
+    train_module: torch.nn.Module = objective
     if dist_info.enabled:
-        c = cfg.model.clipin
-        unused = c.enabled and not (c.use_inter and c.use_intra and c.use_contrastive)
         train_module = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
+            objective, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=objective.has_unused_parameters,
         )
     if tcfg.compile:
         train_module = torch.compile(train_module)
-    train_step = TrainStep(model, train_module, optimizer, scheduler, scaler, tcfg, precision, device, dist_info,
+    train_step = TrainStep(objective, train_module, optimizer, scheduler, scaler, tcfg, precision, device, dist_info,
                            ddp=dist_info.enabled, nonfinite_total=nonfinite_total)
+    rejects = RejectLog(run_dir / "rejects.csv", len(dataset), cfg.data.max_bad_fraction, dist_info.is_main)
     batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
-                          pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed)
+                          pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed, on_rejected=rejects.add)
 
     metrics = MetricsLog(run_dir / "metrics.csv")
     if dist_info.is_main:
@@ -306,7 +314,9 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     bar = Progress(total, step, progress and dist_info.is_main)
     samples_done, interval_samples, logged_skipped = 0, 0, nonfinite_total
     interval_start = wall_start = time.perf_counter()
-    model.train()
+    wall = 0.0
+    objective.train()
+    model_dir = run_dir / "model"
     try:
         while step < total:
             outcome = train_step(batches, step)
@@ -325,7 +335,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                 logged_skipped = skipped
                 row = {"step": step, "epoch": batches.epoch, "loss": float(outcome.loss),
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(outcome.grad_norm),
-                       "samples_per_s": rate, "skipped_nonfinite": skipped}
+                       "samples_per_s": rate, "skipped_nonfinite": skipped, "rejected_images": rejects.count}
                 row.update({k: float(v) for k, v in outcome.terms.items()})
                 row.update({k: float(v) for k, v in outcome.stats.items()})
                 if dist_info.is_main:
@@ -333,33 +343,86 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                     tensorboard.write(row, step)
                     bar.update(step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                                       "samples/s": f"{rate:.1f}"})
-            if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
-                best = _validate(model, tokenizer, step, validate_fn, best, run_dir, dist_info, tensorboard)
             if step % tcfg.checkpoint_every == 0 or step == total:
+                if step == total:
+                    wall = time.perf_counter() - wall_start
                 train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
-                state = {
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "micro_step": batches.consumed,
-                    "nonfinite_total": train_step.nonfinite_total, "best": best,
-                }
-                rng_states = _gather_rng_states(dist_info)
-                if dist_info.is_main:
-                    ckpt.save_checkpoint(run_dir, step, model, tokenizer,
-                                         {**state, "rng": rng_states[0], "rng_per_rank": rng_states},
-                                         keep=tcfg.keep_checkpoints)
-        wall = time.perf_counter() - wall_start
-        model_dir = run_dir / "model"
-        if dist_info.is_main:
-            model.save_pretrained(model_dir, tokenizer=tokenizer)
+                _save_checkpoint(run_dir, step, objective, processor, optimizer, scheduler, scaler, batches,
+                                 train_step, best, dist_info, tcfg.keep_checkpoints)
+                if step == total and dist_info.is_main:
+                    # the final model is on disk before the last validation, which may still fail
+                    model.save_pretrained(model_dir, processor=processor)
+            if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
+                best = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
         if dist_info.enabled:
             dist.barrier()
     finally:
         bar.close()
         tensorboard.close()
+    if rejects.count and dist_info.is_main:
+        log.warning("%d training image(s) could not be read and were skipped: listed in %s", rejects.count,
+                    rejects.path)
+    skipped_records = dict(dataset.skipped)
+    if rejects.count:
+        skipped_records["image unreadable"] = rejects.count
     return TrainResult(
         run_dir=run_dir, model_dir=model_dir, steps=step, samples_per_s=samples_done / max(wall, 1e-9),
-        wall_s=wall, skipped_nonfinite=train_step.nonfinite_total, skipped_records=dict(dataset.skipped), best=best,
+        wall_s=wall, skipped_nonfinite=train_step.nonfinite_total, skipped_records=skipped_records, best=best,
+        rejects_path=rejects.path if rejects.count else None,
     )
+
+
+def _save_checkpoint(run_dir: Path, step: int, objective: TrainingObjective, processor: Processor, optimizer,
+                     scheduler, scaler, batches: "BatchStream", train_step: TrainStep, best: dict,
+                     dist_info: DistInfo, keep: int) -> None:
+    state = {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "micro_step": batches.consumed,
+        "nonfinite_total": train_step.nonfinite_total, "best": best,
+    }
+    rng_states = _gather_rng_states(dist_info)
+    if dist_info.is_main:
+        ckpt.save_checkpoint(run_dir, step, objective, processor,
+                             {**state, "rng": rng_states[0], "rng_per_rank": rng_states}, keep=keep)
+
+
+class RejectLog:
+    """Training images that could not be read: named in ``RUN/rejects.csv``, counted, and a run whose share
+    of unreadable images passes ``data.max_bad_fraction`` stops with a clear error."""
+
+    def __init__(self, path: Path, n_images: int, max_fraction: float, write: bool):
+        self.path, self.n_images, self.max_fraction, self.write = path, max(n_images, 1), max_fraction, write
+        self.seen: dict[str, str] = {}
+        if path.is_file():  # a resumed run: what was already found
+            import csv
+
+            with path.open(newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    self.seen[row.get("image_path", "")] = row.get("reason", "")
+
+    @property
+    def count(self) -> int:
+        return len(self.seen)
+
+    def add(self, pairs) -> None:
+        new = [(path, reason) for path, reason in pairs if path not in self.seen]
+        if not new:
+            return
+        for path, reason in new:
+            self.seen[path] = reason
+            log.warning("skipping unreadable training image %s: %s", path, reason)
+        if self.write:
+            import csv
+
+            with atomic_open(self.path, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["image_path", "reason"])
+                writer.writerows(sorted(self.seen.items()))
+        if self.count / self.n_images > self.max_fraction:
+            raise UnreadableImagesError(
+                f"{self.count} of {self.n_images} training images could not be read, more than "
+                f"data.max_bad_fraction={self.max_fraction}; they are listed in {self.path}. Fix or remove them "
+                "(medclipin validate --all names every bad file), or raise the limit")
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -376,23 +439,24 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in kept))
 
 
-def _validate(model: MedClipModel, tokenizer, step: int, validate_fn, best: dict, run_dir: Path,
+def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn, best: dict, run_dir: Path,
               dist_info: DistInfo, tensorboard: TensorBoardLog) -> dict:
     """Run ``validate_fn`` on the main process; keep the best model in RUN/best. Returns the best record."""
     if dist_info.is_main:
+        was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                result = {k: float(v) for k, v in validate_fn(model, tokenizer, step).items()}
+                result = {k: float(v) for k, v in validate_fn(model, processor, step).items()}
         finally:
-            model.train()
+            model.train(was_training)
         with (run_dir / "validation.jsonl").open("a") as handle:
             handle.write(json.dumps({"step": step, **result}) + "\n")
         tensorboard.write({f"validate/{k}": v for k, v in result.items()}, step)
         log.info("validation at step %d: score %.4f", step, result["score"])
         if not best or result["score"] > best["score"]:
             best = {"step": step, **result}
-            model.save_pretrained(run_dir / "best", tokenizer=tokenizer)
+            model.save_pretrained(run_dir / "best", processor=processor)
     if dist_info.enabled:
         # every rank carries the same `best` into its checkpoint state; also waits for rank 0's validation
         shared = [best]

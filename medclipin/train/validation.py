@@ -1,6 +1,6 @@
 """Periodic validation during pretraining: retrieval R@K and zero-shot AUC on the validate split.
 
-:func:`build_validate_fn` returns the ``validate_fn(model, tokenizer, step) -> dict`` that
+:func:`build_validate_fn` returns the ``validate_fn(model, processor, step) -> dict`` that
 :func:`medclipin.train.trainer.pretrain` calls every ``train.validate_every`` steps (and at the end) on
 the main process; the trainer keeps the best-scoring model in ``RUN/best``.
 """
@@ -40,9 +40,9 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
 
     prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else None
 
-    def validate(model, tokenizer, step: int) -> dict:
+    def validate(model, processor, step: int) -> dict:
         # a fresh store per call: embeddings are cached by weight fingerprint, which changes every step
-        store = EmbeddingStore(model, tokenizer, image_cache=cfg.data.cache, batch_size=cfg.eval.batch_size)
+        store = EmbeddingStore(model, processor, image_cache=cfg.data.cache, batch_size=cfg.eval.batch_size)
         metrics: dict = {"retrieval": retrieval(store, records)}
         if prompts is not None:
             metrics["zeroshot"] = zero_shot(store, records, prompts, bootstrap=0)
@@ -53,6 +53,10 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
                     result[f"retrieval_{short}_{key}"] = float(value)
         if prompts is not None and metrics["zeroshot"].get("mean_auc") is not None:
             result["zeroshot_mean_auc"] = float(metrics["zeroshot"]["mean_auc"])
+        if store.rejected:  # named once in the log; the run goes on without them
+            result["unreadable_images"] = float(len(store.rejected))
+            for path, reason in sorted(store.rejected.items()):
+                log.warning("validation: skipping unreadable image %s: %s", path, reason)
         return result
 
     return validate
