@@ -22,6 +22,7 @@ COMMANDS = {
     "zeroshot": ("zeroshot", "zero-shot classification from prompt files"),
     "retrieve": ("retrieve", "image<->text retrieval metrics and queries"),
     "probe": ("probe", "linear probe on frozen image features"),
+    "supervised": ("supervised", "the supervised ceiling: the same image tower trained on the labels"),
     "gradcam": ("gradcam", "multimodal Grad-CAM: where the image and which words drive a match"),
     "bench": ("bench", "benchmarks: train, eval, io"),
 }
@@ -51,7 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _environment_defaults()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may come after flags (`pretrain ... --quiet train.steps=3`): argparse has already
+    # closed the positional list by then, so they arrive here
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

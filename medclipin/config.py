@@ -341,7 +341,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
                 raise _unknown_key_error(part, list(types), prefix)
             last = i == len(parts) - 1
             if last:
-                node[part] = yaml.safe_load(raw) if raw.strip() != "" else ""
+                try:
+                    node[part] = yaml.safe_load(raw) if raw.strip() != "" else ""
+                except yaml.YAMLError as exc:
+                    raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
             else:
                 child = node.get(part)
                 node[part] = dict(child) if isinstance(child, dict) else {}
@@ -352,23 +355,85 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config file: the path as given when it exists, else a config shipped with medclipin by name
+    (``demo``, ``demo.yaml`` or ``configs/demo.yaml`` all find ``medclipin/configs/demo.yaml``)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name if given.suffix in (".yaml", ".yml") else f"{given.name}.yaml"
+    packaged = PACKAGE_CONFIGS / name
+    if packaged.is_file() and (len(given.parts) == 1 or given.parent.name == "configs"):
+        return packaged
+    shipped = ", ".join(sorted(p.stem for p in PACKAGE_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (configs shipped with medclipin: {shipped})")
+
+
+def list_configs() -> list[Path]:
+    """The configs shipped inside the package (``medclipin/configs/*.yaml``)."""
+    return sorted(PACKAGE_CONFIGS.glob("*.yaml"))
+
+
+def _read_yaml_mapping(path: Path) -> dict:
+    try:
+        with path.open(encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML for a config ({_yaml_problem(exc)})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return values
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(exc, "problem", None) or exc).splitlines()[0]
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "kwargs" and key != "config":
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_config_values(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """The values of a config file with its ``inherit:`` chain applied (a parent file, relative to this one
+    or shipped by name; this file's values override the parent's, mapping by mapping)."""
+    path = resolve_config_path(path)
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'inherit' loops back to itself")
+    values = _read_yaml_mapping(path)
+    parent = values.pop("inherit", None)
+    if parent:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: 'inherit' must be a config file name")
+        parent_path = path.parent / parent if (path.parent / parent).is_file() else Path(parent)
+        values = _merge(read_config_values(parent_path, (*_seen, path.resolve())), values)
+    return values
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
 
+    ``path`` is a file, or the name of a config shipped with medclipin (``"demo"``, ``"cpu_clip_clipin"``;
+    see ``medclipin/configs/``). A config may start from another with ``inherit: <file>``.
+
     Example:
-        >>> cfg = load_config("configs/tiny_clip_clipin.yaml", ["train.batch_size=16"])
+        >>> cfg = load_config("cpu_clip_clipin", ["train.batch_size=16"])
     """
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with path.open(encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    values = apply_overrides(values, overrides or [])
+        values = read_config_values(path)
     try:
+        values = apply_overrides(values, overrides or [])
         return config_from_dict(values)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None

@@ -59,6 +59,7 @@ class ImageTextDataset(Dataset):
         cache_dir: decode-once cache from ``medclipin preprocess`` (empty: decode the original files).
         seed: makes augmentation a function of (seed, epoch, index), so runs and resumed runs repeat exactly.
         require_text: skip (and count) records with empty report text; image-only uses set it False.
+        label_names: also return ``labels`` (C,) — 1/0, NaN when not stated or uncertain — for these classes.
         substitute_unreadable: fill an unreadable image's slot with the next readable record (training);
             False: return the item with ``image = None`` and the failure (evaluation drops such rows).
     """
@@ -73,8 +74,10 @@ class ImageTextDataset(Dataset):
         seed: int = 0,
         require_text: bool = True,
         substitute_unreadable: bool = True,
+        label_names: Sequence[str] = (),
     ):
         self.processor = processor
+        self.label_names = list(label_names)
         self.train, self.two_views, self.seed = train, two_views, seed
         self.substitute_unreadable = substitute_unreadable
         self.epoch = 0
@@ -134,6 +137,10 @@ class ImageTextDataset(Dataset):
             raise MedclipinError(f"{MAX_SUBSTITUTIONS} consecutive images could not be read, the last "
                                  f"{rejected[-1][0]}: {rejected[-1][1]}")
         item = {"index": position, "text": self.texts[position], "rejected": rejected}
+        if self.label_names:  # 1/0, NaN where not stated or uncertain
+            labels = self.records[position].labels
+            item["labels"] = torch.tensor([labels.get(n) if labels.get(n) in (0.0, 1.0) else float("nan")
+                                           for n in self.label_names], dtype=torch.float32)
         if self.train:
             rng = self._rng(position)
             # seed the augmentation per item: identical on every run, in any worker, and after a resume
@@ -171,6 +178,8 @@ class TextImageCollator:
             "image": torch.stack([item["image"] for item in items]),
             "rejected": [pair for item in items for pair in item.get("rejected", ())],
         }
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([item["labels"] for item in items])
         batch.update(self.processor.texts([item["text"] for item in items]))
         if "image_2" in items[0]:
             batch["image_2"] = torch.stack([item["image_2"] for item in items])

@@ -49,7 +49,8 @@ class Processor:
             resolved: :func:`medclipin.models.weights.resolve_normalization` does it for a config).
         text_cfg: sections, ``max_length``, ``truncation_side``.
         tokenizer: a Hugging Face fast tokenizer. The processor keeps its own copy, so setting the
-            truncation side here never changes a tokenizer someone else holds.
+            truncation side here never changes a tokenizer someone else holds. None for image-only
+            use (the supervised ceiling); :meth:`texts` then raises.
     """
 
     def __init__(self, image_cfg: ImageConfig, text_cfg: TextConfig, tokenizer):
@@ -60,7 +61,8 @@ class Processor:
         self.image_cfg = copy.deepcopy(image_cfg)
         self.text_cfg = copy.deepcopy(text_cfg)
         self.tokenizer = copy.deepcopy(tokenizer)
-        self.tokenizer.truncation_side = text_cfg.truncation_side
+        if self.tokenizer is not None:
+            self.tokenizer.truncation_side = text_cfg.truncation_side
         self._eval_transform = None
         self._sources: dict[str, object] = {}
 
@@ -80,6 +82,8 @@ class Processor:
         ``max_length`` on the configured side."""
         if isinstance(texts, str):
             texts = [texts]
+        if self.tokenizer is None:
+            raise ProcessorError("this processor has no tokenizer (image-only)")
         encoded = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.text_cfg.max_length,
                                  return_tensors="pt")
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}

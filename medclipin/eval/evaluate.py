@@ -91,23 +91,37 @@ def probe(store: EmbeddingStore, train_records: list[Record], test_records: list
 
 def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: PromptSet, out_dir: Path | None,
                          figures: int = 8, tolerance: float = 0.0, iou_threshold: float = 0.5,
-                         limit: int | None = None) -> dict:
+                         limit: int | None = None, target: str = "evidence") -> dict:
     """Pointing game and IoU over every (positive image, finding with a box) pair in ``records``.
 
-    The text is the class's first positive prompt (first template); its box is mapped to model-input
-    pixels, where the CAM lives. Figures (original image, overlay, report words shaded by relevance)
-    and their raw arrays (.npz) for the first ``figures`` pairs go to ``out_dir``.
+    What is explained (``target``):
+
+    * ``"evidence"`` (default) — the finding's zero-shot logit: the similarity to the class's positive
+      prompt ensemble minus the similarity to its negative one (multi-label prompt files; the quantity
+      whose sigmoid is the zero-shot probability), i.e. the regions that make the model say "effusion"
+      rather than "no effusion". Multi-class files: the similarity to the class's prompt ensemble.
+    * ``"prompt"`` — the similarity to the class's first positive prompt alone (first template). Much of
+      it is what every chest X-ray shares with any text, so it localises worse.
+
+    Boxes are mapped to model-input pixels, where the CAM lives. Figures (original image, overlay,
+    report words shaded by relevance) and their raw arrays (.npz) for the first ``figures`` pairs go
+    to ``out_dir``.
 
     Args:
+        tolerance: pointing-game tolerance in model-input pixels (Zhang et al. 2016 use 15 px at 224 px).
         limit: stop after this many pairs (None = all).
     """
+    if target not in ("evidence", "prompt"):
+        raise ValueError(f"target must be 'evidence' or 'prompt', got {target!r}")
     model, processor = store.model, store.processor
     image_cfg = processor.image_cfg
     source = processor.image_source(store.image_cache)
     transform = processor.image_transform(train=False)
     device = next(model.parameters()).device
-    text_cache: dict[str, torch.Tensor] = {}
     class_index = {name: i for i, name in enumerate(prompts.class_names)}
+    positive, negative = class_embeddings(store, prompts)
+    if target == "evidence":
+        directions = positive - negative if negative is not None else positive
     pairs = [(r, b) for r in records for b in r.boxes if b.label in class_index and r.labels.get(b.label) == 1.0
              and r.image_path not in store.rejected]
     if limit is not None:
@@ -118,11 +132,11 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
         chunk = pairs[start:start + 16]
         loaded = [source.load_with_geometry(r.image_path) for r, _ in chunk]
         images = torch.stack([transform(pixels) for pixels, _ in loaded]).to(device)
-        prompts_used = [prompts.first_prompt(b.label) for _, b in chunk]
-        for prompt in prompts_used:
-            if prompt not in text_cache:
-                text_cache[prompt] = store.texts([prompt])[0]
-        text_emb = torch.stack([text_cache[p] for p in prompts_used]).to(device)
+        prompts_used = [_explained_text(prompts, b.label, target) for _, b in chunk]
+        if target == "evidence":
+            text_emb = torch.stack([directions[class_index[b.label]] for _, b in chunk]).to(device)
+        else:
+            text_emb = store.texts(prompts_used).to(device)
         cams = image_cam(model, images, text_emb)
         for (record, box), cam, (pixels, geometry), shown, prompt in zip(chunk, cams, loaded, images, prompts_used):
             mapped = box_to_input(box.box, geometry, pixels.shape[0], image_cfg.size)
@@ -147,9 +161,19 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
         "tolerance_px": tolerance,
         "pairs": len(hits),
         "per_class_pointing_game": {k: float(np.mean(v)) for k, v in per_class.items()},
+        "target": target,
+        "layer": model.image_encoder.gradcam_layer_name(),
         "per_pair": per_pair,
         "figures": written,
     }
+
+
+def _explained_text(prompts: PromptSet, label: str, target: str) -> str:
+    """What a figure says is explained: the first prompt, or 'positive vs. negative' for the evidence target."""
+    first = prompts.first_prompt(label)
+    if target == "evidence" and prompts.negative.get(label):
+        return f"{prompts.positive[label][0]}  vs.  {prompts.negative[label][0]}"
+    return first
 
 
 def _pair_figure(path: Path, record: Record, box, cam: np.ndarray, mapped, source_side: int, geometry,
@@ -157,7 +181,8 @@ def _pair_figure(path: Path, record: Record, box, cam: np.ndarray, mapped, sourc
     """Figure on the original image when it can be read (else on the model input), plus the raw arrays."""
     from medclipin.data.readers import ImageReadError, read_image
 
-    title = f"text: \"{prompt}\" (green box: annotated {box.label.lower()}; pointing game {'hit' if hit else 'miss'})"
+    title = (f"explained: \"{prompt}\" (green box: annotated {box.label.lower()}; pointing game "
+             f"{'hit' if hit else 'miss'})")
     try:
         original = read_image(record.image_path, window=image_cfg.window).pixels
         cam_shown = cam_to_original(cam, geometry, source_side, original.shape[:2])

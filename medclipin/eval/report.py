@@ -236,3 +236,63 @@ def gradcam_markdown(summary: dict, run: dict) -> str:
     if figures:
         lines += ["", "## Figures", ""] + [f"- `{Path(f).name}`" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def plot_learning_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike, title: str = "") -> Path:
+    """A PNG of a run's ``metrics.csv``: training loss terms against step (left) and the validation numbers
+    (zero-shot mean AUC, image→text and text→image R@10) against step (right), when validation ran."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(metrics_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def series(column: str) -> tuple[list[int], list[float]]:
+        steps, values = [], []
+        for row in rows:
+            value = row.get(column, "")
+            if value not in ("", None):
+                steps.append(int(row["step"]))
+                values.append(float(value))
+        return steps, values
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    terms = [("loss", "total loss"), ("clip", "CLIP (InfoNCE)"), ("siglip", "SigLIP"), ("loss_inter", "CLIPin L_inter"),
+             ("loss_intra", "CLIPin L_intra"), ("nclip", "nCLIP")]
+    for column, label in terms:
+        steps, values = series(column)
+        if steps:
+            left.plot(steps, values, label=label, linewidth=1.2 if column != "loss" else 2.0)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title("training losses")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    plotted = False
+    for column, label in (("val_zeroshot_mean_auc", "zero-shot mean AUC"), ("val_retrieval_i2t_R@10", "image→text R@10"),
+                          ("val_retrieval_t2i_R@10", "text→image R@10")):
+        steps, values = series(column)
+        if steps:
+            right.plot(steps, values, marker="o", label=label)
+            plotted = True
+    right.set_xlabel("step")
+    right.set_ylim(0, 1)
+    right.set_title("held-out validation split")
+    right.grid(alpha=0.3)
+    if plotted:
+        right.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=right.transAxes)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

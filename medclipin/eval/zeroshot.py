@@ -73,13 +73,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+PACKAGE_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"
+
+
+def resolve_prompts_path(path: str | os.PathLike) -> Path:
+    """A prompt file: the path as given when it exists, else a pinned prompt file shipped with medclipin by
+    name (``synthetic``, ``chexpert_5x200``, ``figure1``...; see ``medclipin/prompts/``)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.stem if given.suffix in (".yaml", ".yml") else given.name
+    packaged = PACKAGE_PROMPTS / f"{name}.yaml"
+    if packaged.is_file() and len(given.parts) == 1:
+        return packaged
+    shipped = ", ".join(sorted(p.stem for p in PACKAGE_PROMPTS.glob("*.yaml")))
+    raise PromptFileError(f"{path}: prompt file not found (prompt files shipped with medclipin: {shipped})")
+
+
 def load_prompts(path: str | os.PathLike) -> PromptSet:
-    """Read and check a prompt YAML (see docs/architecture.md for the format)."""
-    path = Path(path)
+    """Read and check a prompt YAML (see docs/architecture.md for the format): a file, or the name of one
+    shipped with medclipin (``"synthetic"``)."""
+    path = resolve_prompts_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PromptFileError(f"{path}: prompt file not found") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise PromptFileError(f"{path}: not valid YAML for a prompt file{where} "
+                              f"({str(getattr(exc, 'problem', None) or exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("classes"), dict) or not data["classes"]:
         raise PromptFileError(f"{path}: needs a non-empty 'classes' mapping")
     mode = data.get("mode", "multilabel")

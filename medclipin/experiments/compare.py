@@ -40,9 +40,10 @@ from medclipin.eval.zeroshot import load_prompts
 from medclipin.train.trainer import pretrain
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = REPO_ROOT / "configs"
-PROMPTS = REPO_ROOT / "datasets" / "synthetic" / "prompts.yaml"
+from medclipin.config import PACKAGE_CONFIGS as CONFIG_DIR  # noqa: E402
+from medclipin.eval.zeroshot import PACKAGE_PROMPTS  # noqa: E402
+
+PROMPTS = PACKAGE_PROMPTS / "synthetic.yaml"
 
 METHODS = {
     "clip": "CLIP",

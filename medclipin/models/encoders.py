@@ -130,6 +130,11 @@ class ImageEncoder(nn.Module):
                 return self.model(image.float())
         return self.model(image)
 
+    def gradcam_layer_name(self) -> str:
+        """Dotted name (inside the timm model) of :meth:`gradcam_layer`'s module."""
+        layer = self.gradcam_layer()[0]
+        return next((name for name, module in self.model.named_modules() if module is layer), type(layer).__name__)
+
     def gradcam_layer(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
         """The layer whose activations Grad-CAM uses and the transform from its output to (B, C, h, w).
 

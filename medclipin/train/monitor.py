@@ -17,10 +17,15 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Appends rows to RUN/metrics.csv; columns are fixed by the first row written in this run folder."""
+    """Appends rows to RUN/metrics.csv; columns are fixed by the first row written in this run folder.
 
-    def __init__(self, path: Path):
+    Args:
+        extra_columns: columns that later rows may fill (e.g. validation results, empty on other rows).
+    """
+
+    def __init__(self, path: Path, extra_columns: list[str] | None = None):
         self.path = path
+        self.extra_columns = list(extra_columns or [])
         self.columns: list[str] | None = None
 
     def write(self, row: dict) -> None:
@@ -29,7 +34,7 @@ class MetricsLog:
             if not new_file:
                 with self.path.open(newline="") as handle:
                     self.columns = next(csv.reader(handle), None)
-            self.columns = self.columns or list(row)
+            self.columns = self.columns or [*row, *(c for c in self.extra_columns if c not in row)]
         with self.path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             if new_file:

@@ -302,7 +302,8 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
                           pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed, on_rejected=rejects.add)
 
-    metrics = MetricsLog(run_dir / "metrics.csv")
+    metrics = MetricsLog(run_dir / "metrics.csv",
+                         extra_columns=[f"val_{c}" for c in getattr(validate_fn, "columns", ())])
     if dist_info.is_main:
         if step == 0:  # left by a run killed before its first checkpoint: everything is redone
             for stale in ("metrics.csv", "validation.jsonl"):
@@ -323,8 +324,24 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
             samples_done += outcome.samples
             interval_samples += outcome.samples
             step += 1
+            final = step == total
+            checkpoint_due = step % tcfg.checkpoint_every == 0 or final
+            validation_due = validate_fn is not None and (final or (tcfg.validate_every and step % tcfg.validate_every == 0))
+            if final:
+                wall = time.perf_counter() - wall_start
+            if checkpoint_due and final:
+                # the final checkpoint and model are on disk before the last validation, which may still fail
+                train_step.guard.check()
+                _save_checkpoint(run_dir, step, objective, processor, optimizer, scheduler, scaler, batches,
+                                 train_step, best, dist_info, tcfg.keep_checkpoints)
+                if dist_info.is_main:
+                    model.save_pretrained(model_dir, processor=processor)
+            validation: dict = {}
+            if validation_due:
+                best, validation = _validate(model, processor, step, validate_fn, best, run_dir, dist_info,
+                                             tensorboard)
             # the host reads the step's outcome only here (log steps) and before a checkpoint
-            if step % tcfg.log_every == 0 or step == total:
+            if step % tcfg.log_every == 0 or final or validation_due:
                 now = time.perf_counter()
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 interval_start, interval_samples = now, 0
@@ -338,22 +355,19 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                        "samples_per_s": rate, "skipped_nonfinite": skipped, "rejected_images": rejects.count}
                 row.update({k: float(v) for k, v in outcome.terms.items()})
                 row.update({k: float(v) for k, v in outcome.stats.items()})
+                row.update({f"val_{k}": v for k, v in validation.items()})
                 if dist_info.is_main:
                     metrics.write(row)
-                    tensorboard.write(row, step)
+                    tensorboard.write({k: v for k, v in row.items() if not k.startswith("val_")}, step)
                     bar.update(step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                                       "samples/s": f"{rate:.1f}"})
-            if step % tcfg.checkpoint_every == 0 or step == total:
-                if step == total:
-                    wall = time.perf_counter() - wall_start
+            if checkpoint_due and not final:
                 train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
                 _save_checkpoint(run_dir, step, objective, processor, optimizer, scheduler, scaler, batches,
                                  train_step, best, dist_info, tcfg.keep_checkpoints)
-                if step == total and dist_info.is_main:
-                    # the final model is on disk before the last validation, which may still fail
-                    model.save_pretrained(model_dir, processor=processor)
-            if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
-                best = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
+        if validate_fn is not None and step == total and not _validated_at(run_dir, step):
+            # resumed after a final validation that failed: the model is saved, the validation is redone
+            best, _ = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
         if dist_info.enabled:
             dist.barrier()
     finally:
@@ -439,9 +453,24 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in kept))
 
 
+def _validated_at(run_dir: Path, step: int) -> bool:
+    path = run_dir / "validation.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) == step:
+                return True
+        except (ValueError, KeyError, TypeError):
+            continue
+    return False
+
+
 def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn, best: dict, run_dir: Path,
-              dist_info: DistInfo, tensorboard: TensorBoardLog) -> dict:
-    """Run ``validate_fn`` on the main process; keep the best model in RUN/best. Returns the best record."""
+              dist_info: DistInfo, tensorboard: TensorBoardLog) -> tuple[dict, dict]:
+    """Run ``validate_fn`` on the main process; keep the best model in RUN/best. Returns (best record, this
+    validation's numbers) — the numbers only on the main process."""
+    result: dict = {}
     if dist_info.is_main:
         was_training = model.training
         model.eval()
@@ -462,4 +491,4 @@ def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn,
         shared = [best]
         dist.broadcast_object_list(shared, src=0)
         best = shared[0]
-    return best
+    return best, result

@@ -59,4 +59,7 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
                 log.warning("validation: skipping unreadable image %s: %s", path, reason)
         return result
 
+    # the numbers every call returns (metrics.csv reserves a column for each)
+    validate.columns = ["score", *[f"retrieval_{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)],
+                        *(["zeroshot_mean_auc"] if prompts is not None else [])]
     return validate
