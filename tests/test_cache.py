@@ -1,4 +1,5 @@
-"""Decode-once cache: build, read back, resume, redo changed files, rejects, the ImageSource entry point."""
+"""Decode-once cache: build, read back, resume, redo changed files, rejects, the ImageSource entry point
+(medclipin.data.image_source, image_cache, preprocess; and the old medclipin.data.cache import path)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from medclipin.config import ImageConfig
-from medclipin.data import cache as cache_module
-from medclipin.data.cache import CacheError, build_cache, open_image_source, prepare_image
+from medclipin.data import preprocess as preprocess_module
+from medclipin.data.image_cache import CacheError
+from medclipin.data.image_source import open_image_source, prepare_image
+from medclipin.data.preprocess import build_cache
 
 
 def _pngs(folder, count: int, shape=(40, 60)) -> list[str]:
@@ -59,7 +62,7 @@ def test_parallel_build_with_rejects(tmp_path):
 
 def test_resume_after_interruption_and_redo_changed(tmp_path, monkeypatch):
     paths = _pngs(tmp_path / "src", 6)
-    real_job, calls = cache_module._decode_job, []
+    real_job, calls = preprocess_module._decode_job, []
 
     def interrupted(job):
         if len(calls) == 3:
@@ -67,10 +70,10 @@ def test_resume_after_interruption_and_redo_changed(tmp_path, monkeypatch):
         calls.append(job)
         return real_job(job)
 
-    monkeypatch.setattr(cache_module, "_decode_job", interrupted)
+    monkeypatch.setattr(preprocess_module, "_decode_job", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_cache(paths, tmp_path / "cache", size=16, progress=False)
-    monkeypatch.setattr(cache_module, "_decode_job", real_job)
+    monkeypatch.setattr(preprocess_module, "_decode_job", real_job)
     resumed = build_cache(paths, tmp_path / "cache", size=16, progress=False)
     assert (resumed.reused, resumed.decoded) == (3, 3)
 
@@ -89,7 +92,7 @@ def test_source_is_picklable_and_errors_are_clear(tmp_path):
     source = open_image_source(ImageConfig(size=16), str(tmp_path / "cache"))
     source.load(paths[0])  # opens the memmap in this process
     clone = pickle.loads(pickle.dumps(source))
-    assert clone._maps == {} and clone._index is None and clone.load(paths[0]).shape == (16, 16)
+    assert clone._cache._maps == {} and clone._cache._index is None and clone.load(paths[0]).shape == (16, 16)
     with pytest.raises(CacheError, match=r"img001\.png is not in the image cache.*medclipin preprocess"):
         clone.load(paths[1])
     with pytest.raises(CacheError, match="no cache.json"):
@@ -148,3 +151,11 @@ def test_io_benchmark_runs_and_reports(tmp_path, capsys):
     assert set(result["raw_dicom"]) == {"UNCR", "UNCI", "J2KR", "J2KI"}
     assert result["cache"]["entries"] == 8 and result["cache_vs_raw_dicom"] > 1
     assert (tmp_path / "io.json").is_file() and "cache vs mean raw DICOM" in capsys.readouterr().out
+
+
+def test_old_import_path_still_works():
+    """dataset.py, eval/ and bench/ import from medclipin.data.cache; the split modules are the same objects."""
+    from medclipin.data import cache, image_cache, image_source, preprocess
+
+    assert cache.open_image_source is image_source.open_image_source
+    assert cache.build_cache is preprocess.build_cache and cache.CacheError is image_cache.CacheError

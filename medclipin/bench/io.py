@@ -39,7 +39,7 @@ def _decode_task(path: str) -> int:
 
 def _cache_read_task(cache_dir: str, size: int, keys: list[str]) -> int:
     from medclipin.config import ImageConfig
-    from medclipin.data.cache import open_image_source
+    from medclipin.data.image_source import open_image_source
     from medclipin.data.transforms import build_image_transform
 
     state_key = (cache_dir, size)
@@ -120,7 +120,7 @@ def run_io_benchmark(out_json: str | None, workers: int, size: int = 224, repeat
     """
     from pydicom.data import get_testdata_file
 
-    from medclipin.data.cache import build_cache
+    from medclipin.data.preprocess import build_cache
     from medclipin.data.readers import read_image
 
     workers = max(1, int(workers))

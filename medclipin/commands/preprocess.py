@@ -26,7 +26,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.data.cache import build_cache
+    from medclipin.data.preprocess import build_cache
     from medclipin.data.manifest import read_manifest
 
     manifest = read_manifest(args.manifest)

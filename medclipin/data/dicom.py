@@ -25,7 +25,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.pixels.processing import apply_voi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 
-from medclipin.data.readers import DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit
+from medclipin.data.reader_base import DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit
 
 try:  # GDCM is optional: pydicom uses it automatically as one more decoding plugin when present.
     import gdcm  # noqa: F401

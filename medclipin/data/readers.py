@@ -17,58 +17,21 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
-from medclipin.errors import MedclipinError
+from medclipin.data.dicom import looks_like_dicom, read_dicom
+from medclipin.data.reader_base import (
+    WINDOWS, DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit,
+)
 
-WINDOWS = ("first", "percentile", "none")
+# The shared image types are defined in reader_base; importing them from here keeps working.
+__all__ = ["read_image", "sniff_format", "DecodedImage", "ImageMeta", "ImageReadError", "WINDOWS",
+           "scale_to_unit", "percentile_range"]
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic", "")
-# Percentiles used by window="percentile": robust to burned-in labels and collimator edges.
-PERCENTILE_WINDOW = (0.5, 99.5)
-
-
-class ImageReadError(MedclipinError, ValueError):
-    """An image file cannot be read. The message names the file, (for DICOM) the transfer syntax, and the reason."""
-
-
-@dataclass(frozen=True)
-class ImageMeta:
-    """Training-relevant metadata of a decoded image. Contains no patient identifiers.
-
-    Attributes:
-        modality: DICOM Modality (``"CR"``, ``"DX"``, ...) or ``""`` for PNG/JPEG.
-        view_position: DICOM ViewPosition (``"PA"``, ``"AP"``, ``"LL"``, ...) or ``""``.
-        photometric_interpretation: ``"MONOCHROME1"``, ``"MONOCHROME2"``, ``"RGB"``, ... as stored in
-            the file (the pixels are always returned with bright = dense/white, i.e. MONOCHROME2-like).
-        original_size: (height, width) of the stored image.
-        pixel_spacing: (row, column) spacing in mm from PixelSpacing or ImagerPixelSpacing, or None.
-        bits_stored: significant bits per sample (8 for 8-bit PNG/JPEG).
-        transfer_syntax: DICOM transfer syntax name (``""`` for PNG/JPEG).
-        source_format: ``"dicom"``, ``"png"``, ``"jpeg"`` or ``"other"`` (another format OpenCV reads).
-        number_of_frames: frames in the file (DICOM multi-frame), 1 otherwise.
-    """
-
-    modality: str = ""
-    view_position: str = ""
-    photometric_interpretation: str = ""
-    original_size: tuple[int, int] = (0, 0)
-    pixel_spacing: tuple[float, float] | None = None
-    bits_stored: int = 8
-    transfer_syntax: str = ""
-    source_format: str = ""
-    number_of_frames: int = 1
-
-
-@dataclass
-class DecodedImage:
-    """Pixels float32 in [0, 1], shape (H, W) or (H, W, 3), plus :class:`ImageMeta`."""
-
-    pixels: np.ndarray
-    meta: ImageMeta
 
 
 def sniff_format(path: str | os.PathLike) -> str:
@@ -89,24 +52,6 @@ def sniff_format(path: str | os.PathLike) -> str:
     if head.startswith(JPEG_MAGIC):
         return "jpeg"
     return "unknown"
-
-
-def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Linearly map [low, high] to [0, 1] (clipped), as float32. A flat range gives zeros."""
-    out = values.astype(np.float32, copy=False)
-    span = float(high) - float(low)
-    if span <= 0:
-        return np.zeros(values.shape, np.float32)
-    out = (out - np.float32(low)) * np.float32(1.0 / span)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
-def percentile_range(values: np.ndarray) -> tuple[float, float]:
-    """The PERCENTILE_WINDOW range, estimated on a strided subsample (the full image is 10× slower, same result)."""
-    step = max(1, int(np.sqrt(values.shape[0] * values.shape[1] / 250_000)))
-    sample = values[::step, ::step]
-    low, high = np.percentile(sample, PERCENTILE_WINDOW)
-    return float(low), float(high)
 
 
 def _read_raster(path: str, source_format: str, window: str) -> DecodedImage:
@@ -177,14 +122,10 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, window: str
     path = os.fspath(path)
     kind = sniff_format(path)
     if kind == "dicom":
-        from medclipin.data.dicom import read_dicom
-
         return read_dicom(path, frame=frame, window=window)
     if kind in ("png", "jpeg"):
         return _read_raster(path, kind, window)
     # No magic bytes: a header-less DICOM (no preamble) or a format OpenCV recognises (TIFF, BMP).
-    from medclipin.data.dicom import read_dicom, looks_like_dicom
-
     if looks_like_dicom(path):
         return read_dicom(path, frame=frame, window=window)
     if os.path.splitext(path)[1].lower() not in DICOM_EXTENSIONS:
