@@ -188,7 +188,7 @@ def test_splits_by_patient(dataset):
 
 
 def test_study_count_scale():
-    from medclipin.data.synthetic import _n_studies
+    from medclipin.data.synthetic.cohort import n_studies as _n_studies
 
     total = sum(_n_studies(0, p) for p in range(1600))
     assert 2200 <= total <= 2600
