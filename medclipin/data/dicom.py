@@ -27,14 +27,6 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from medclipin.data.reader_base import DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit
 
-try:  # GDCM is optional: pydicom uses it automatically as one more decoding plugin when present.
-    import gdcm  # noqa: F401
-
-    HAVE_GDCM = True
-except Exception:  # ImportError, or its `import dl` failure on some builds
-    HAVE_GDCM = False
-
-
 def _short_reason(exc: BaseException, limit: int = 300) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

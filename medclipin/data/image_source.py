@@ -86,10 +86,6 @@ class ImageSource:
                 raise CacheError(f"{self.cache_dir} was built for domain {built_for!r} but the config "
                                  f"says {cfg.domain!r}; run `medclipin preprocess --domain {cfg.domain}` into another folder")
 
-    @property
-    def from_cache(self) -> bool:
-        return self._cache is not None
-
     def load_with_geometry(self, path: str) -> tuple[np.ndarray, GeometryInfo]:
         """Like :meth:`load`, plus the mapping from original pixel coordinates to the returned image."""
         if self._cache is None:
