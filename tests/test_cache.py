@@ -159,3 +159,28 @@ def test_old_import_path_still_works():
 
     assert cache.open_image_source is image_source.open_image_source
     assert cache.build_cache is preprocess.build_cache and cache.CacheError is image_cache.CacheError
+
+
+def test_pixel_limit_in_the_source_and_the_cache(tmp_path):
+    """max_pixels reaches read_image from open_image_source (argument, or a config field of that name)
+    and from build_cache / preprocess --max-pixels (a rejected file, with the reason)."""
+    import dataclasses
+
+    from medclipin.data.readers import ImageReadError
+
+    paths = _pngs(tmp_path / "src", 1)  # 40 × 60 = 2,400 pixels
+    with pytest.raises(ImageReadError, match=r"img000\.png: image is 60×40 .*max_pixels=2000\)"):
+        open_image_source(ImageConfig(size=16), max_pixels=2000).load(paths[0])
+    assert open_image_source(ImageConfig(size=16), max_pixels=0).load(paths[0]).shape == (16, 16)
+
+    @dataclasses.dataclass
+    class ConfigWithLimit(ImageConfig):  # what the lead adds as data.image.max_pixels
+        max_pixels: int = 2000
+
+    with pytest.raises(ImageReadError, match="max_pixels=2000"):
+        open_image_source(ConfigWithLimit(size=16)).load(paths[0])
+    assert open_image_source(ConfigWithLimit(size=16), max_pixels=2400).load(paths[0]).shape == (16, 16)
+    with pytest.raises(ValueError, match="max_pixels"):
+        open_image_source(ImageConfig(), max_pixels=-1)
+    summary = build_cache(paths, tmp_path / "cache", size=16, progress=False, max_pixels=2000)
+    assert summary.rejected == 1 and "max_pixels=2000" in summary.rejects[0][1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import numpy as np
 import pydicom
@@ -25,7 +26,14 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.pixels.processing import apply_voi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 
-from medclipin.data.reader_base import DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit
+from medclipin.data.reader_base import (
+    DEFAULT_MAX_PIXELS, DecodedImage, ImageMeta, ImageReadError, check_image_file, percentile_range,
+    pixel_limit_reason, scale_to_unit,
+)
+
+# Elements larger than this are read from the file only when used: the pixel data is not loaded before
+# the size check (and never for a file that fails it).
+_DEFER_SIZE = "256 KB"
 
 def _short_reason(exc: BaseException, limit: int = 300) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
@@ -51,16 +59,27 @@ def _describe_syntax(uid) -> str:
     return f"{name} ({uid})" if name and name != str(uid) else str(uid)
 
 
-def looks_like_dicom(path: str | os.PathLike) -> bool:
-    """True when pydicom (with force) finds an image header (Rows and Columns) in the file.
+def is_headerless_dicom(head: bytes) -> bool:
+    """True when ``head`` (a file's first bytes) looks like a DICOM data set without the 128-byte
+    preamble and ``DICM`` tag: its first element is in group 0002 (file meta) or 0008 (identifying
+    information), little or big endian, with an explicit VR or a plausible implicit length.
 
-    Used for DICOM files without the 128-byte preamble and 'DICM' tag, which carry no magic bytes.
+    Decided from the bytes alone, never by parsing the file: a parser forced onto arbitrary data (a 20 MB
+    file of zeros, ``/dev/zero``) reads all of it, or forever.
     """
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        return "Rows" in ds and "Columns" in ds
-    except Exception:
+    if len(head) < 8:
         return False
+    for order in ("<", ">"):
+        group, _element = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008):
+            continue
+        vr = head[4:6]
+        if vr.isalpha() and vr.isupper():  # explicit VR: two upper-case letters
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length < (1 << 16) or length == 0xFFFFFFFF:  # implicit VR: a short value or undefined length
+            return True
+    return False
 
 
 def _first(value) -> float | None:
@@ -177,16 +196,19 @@ def _grayscale_pipeline(arr: np.ndarray, ds: pydicom.Dataset, window: str, bits:
     return pixels
 
 
-def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str = "first") -> DecodedImage:
+def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str = "first",
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a DICOM file (with or without file-meta header) to float32 [0, 1]. See :func:`read_image`.
 
     Raises:
-        ImageReadError: naming the file, the transfer syntax and the reason (no pixel data,
-            multi-frame without ``frame``, no decoder for the syntax, corrupt/truncated data).
+        ImageReadError: naming the file, the transfer syntax and the reason (not a regular file, no
+            pixel data, multi-frame without ``frame``, more than ``max_pixels`` pixels, no decoder for
+            the syntax, corrupt/truncated data).
     """
     path = os.fspath(path)
+    check_image_file(path)
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
     except Exception as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({_short_reason(exc)})") from exc
     try:
@@ -206,6 +228,13 @@ def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str
         raise fail(f"multi-frame image ({frames} frames); pass frame=0..{frames - 1}")
     if frame is not None and not 0 <= frame < frames:
         raise fail(f"frame {frame} requested but the file has {frames} frame(s)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (TypeError, ValueError) as exc:
+        raise fail(f"unreadable Rows/Columns ({_short_reason(exc)})") from exc
+    # only the requested frame is decoded (pixel_array(index=...)), so one frame counts
+    if reason := pixel_limit_reason(cols, rows, max_pixels):
+        raise fail(reason)
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
@@ -219,7 +248,6 @@ def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str
             hint = ("12-bit JPEG Extended is not supported by the installed decoders; convert the file "
                     "(e.g. `gdcmconv --raw` or `dcmdjpeg`). ")
         raise fail(f"pixel data cannot be decoded: {hint}{_short_reason(exc)}") from exc
-    rows, cols = int(ds.Rows), int(ds.Columns)
     if arr.shape[:2] != (rows, cols):
         raise fail(f"decoded shape {arr.shape} does not match Rows×Columns {rows}×{cols}")
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from medclipin.data.geometry import GeometryInfo, normalize_geometry
 from medclipin.data.image_cache import CacheError, CacheReader
+from medclipin.data.reader_base import DEFAULT_MAX_PIXELS, check_max_pixels
 from medclipin.data.readers import read_image
 
 if TYPE_CHECKING:  # the config composes the data layer's settings; the data layer does not need it at run time
@@ -48,8 +49,12 @@ def match_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return image
 
 
-def prepare_image(path: str, domain: str, size: int, channels: int, window: str = "first") -> tuple[np.ndarray, GeometryInfo]:
+def prepare_image(path: str, domain: str, size: int, channels: int, window: str = "first", *,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, GeometryInfo]:
     """Decode, geometry-normalise and quantise one image: exactly what the cache stores.
+
+    Args:
+        max_pixels: refuse larger images before decoding (see :func:`~medclipin.data.readers.read_image`).
 
     Returns:
         (uint8 array (size, size) or (size, size, 3), GeometryInfo original → output)
@@ -57,7 +62,7 @@ def prepare_image(path: str, domain: str, size: int, channels: int, window: str 
     Raises:
         ImageReadError: the file cannot be decoded.
     """
-    pixels = read_image(path, window=window).pixels
+    pixels = read_image(path, window=window, max_pixels=max_pixels).pixels
     pixels = match_channels(pixels, channels)
     # resize in float, quantise last: one rounding step only
     square, info = normalize_geometry(pixels, domain, size)
@@ -73,10 +78,11 @@ class ImageSource:
     each process (DataLoader workers).
     """
 
-    def __init__(self, cfg: "ImageConfig", cache_dir: str = ""):
+    def __init__(self, cfg: "ImageConfig", cache_dir: str = "", *, max_pixels: int | None = None):
         self.cfg = cfg
         self.cache_dir = os.fspath(cache_dir) if cache_dir else ""
         self.channels = int(cfg.channels)
+        self.max_pixels = _resolve_max_pixels(cfg, max_pixels)
         self._cache: CacheReader | None = None
         if self.cache_dir:
             # validate in the main process, so a wrong folder fails before workers start
@@ -89,7 +95,8 @@ class ImageSource:
     def load_with_geometry(self, path: str) -> tuple[np.ndarray, GeometryInfo]:
         """Like :meth:`load`, plus the mapping from original pixel coordinates to the returned image."""
         if self._cache is None:
-            return prepare_image(path, self.cfg.domain, self.cfg.size, self.channels, self.cfg.window)
+            return prepare_image(path, self.cfg.domain, self.cfg.size, self.channels, self.cfg.window,
+                                 max_pixels=self.max_pixels)
         image, info = self._cache.read(path)
         return match_channels(image, self.channels), info
 
@@ -103,12 +110,23 @@ class ImageSource:
         return self.load_with_geometry(path)[0]
 
 
-def open_image_source(cfg: "ImageConfig", cache_dir: str = "") -> ImageSource:
+def _resolve_max_pixels(cfg, max_pixels: int | None) -> int:
+    """An explicit ``max_pixels``; else the config's ``max_pixels`` field when it has one; else the default."""
+    if max_pixels is None:
+        max_pixels = getattr(cfg, "max_pixels", DEFAULT_MAX_PIXELS)
+    check_max_pixels(max_pixels)
+    return max_pixels
+
+
+def open_image_source(cfg: "ImageConfig", cache_dir: str = "", *, max_pixels: int | None = None) -> ImageSource:
     """The single image entry point of the dataset.
 
     Args:
-        cfg: image configuration (domain, size, channels, window).
+        cfg: image configuration (domain, size, channels, window; ``max_pixels`` when it has that field).
         cache_dir: a ``medclipin preprocess`` output folder, or ``""`` to decode originals on the fly.
+        max_pixels: pixel limit for decoding on the fly (refused before decoding); ``None``: the config's
+            ``max_pixels`` if it has one, else 100 megapixels; ``0``: no limit. A cache was decoded with
+            the limit given to ``medclipin preprocess``.
 
     Returns:
         A picklable :class:`ImageSource`; ``source.load(path)`` returns a uint8 (S, S[, 3]) array.
@@ -117,4 +135,4 @@ def open_image_source(cfg: "ImageConfig", cache_dir: str = "") -> ImageSource:
         >>> source = open_image_source(cfg.data.image, cfg.data.cache)
         >>> tensor = build_image_transform(cfg.data.image, train=True)(source.load(record.image_path))
     """
-    return ImageSource(cfg, cache_dir)
+    return ImageSource(cfg, cache_dir, max_pixels=max_pixels)

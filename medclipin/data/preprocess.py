@@ -25,7 +25,7 @@ import cv2
 from medclipin.data.geometry import DOMAINS
 from medclipin.data.image_cache import CacheWriter, cache_key
 from medclipin.data.image_source import default_channels, prepare_image
-from medclipin.data.reader_base import ImageReadError
+from medclipin.data.reader_base import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels
 
 
 @dataclass
@@ -45,15 +45,15 @@ class CacheSummary:
                 f"{self.rejected} rejected")
 
 
-def _decode_job(job: tuple[str, str, int, int, str]) -> tuple:
+def _decode_job(job: tuple[str, str, int, int, str, int | None]) -> tuple:
     """Worker: stat, decode, normalise one file. Returns (key, size, mtime, array|None, info|reason)."""
-    key, domain, size, channels, window = job
+    key, domain, size, channels, window, max_pixels = job
     try:
         stat = os.stat(key)
     except OSError as exc:
         return key, 0, 0, None, f"cannot open ({exc.strerror or exc})"
     try:
-        array, info = prepare_image(key, domain, size, channels, window)
+        array, info = prepare_image(key, domain, size, channels, window, max_pixels=max_pixels)
     except ImageReadError as exc:
         return key, stat.st_size, stat.st_mtime_ns, None, str(exc)
     except Exception as exc:  # a decoder crash must not stop a 300k-image run; the file is rejected
@@ -77,6 +77,7 @@ def build_cache(
     workers: int = 0,
     rows_per_shard: int = 1024,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> CacheSummary:
     """Decode every image once into the cache (resumable; changed files are redone).
 
@@ -90,6 +91,7 @@ def build_cache(
         workers: decoding processes; 0 or 1 decodes in this process.
         rows_per_shard: images per shard file.
         progress: show a tqdm progress bar.
+        max_pixels: images with more pixels are rejected before decoding (None or 0: no limit).
 
     Returns:
         CacheSummary (counts, seconds, rejects). Rejected files are written to ``out_dir/rejects.csv``.
@@ -98,6 +100,7 @@ def build_cache(
 
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    check_max_pixels(max_pixels)
     channels = channels or default_channels(domain)
     writer = CacheWriter(out_dir, {"size": int(size), "channels": int(channels), "domain": domain, "window": window},
                          rows_per_shard=rows_per_shard)
@@ -135,7 +138,7 @@ def build_cache(
             writer.flush()
             pending, last_flush = 0, time.monotonic()
 
-    jobs = [(key, domain, int(size), int(channels), window) for key in todo]
+    jobs = [(key, domain, int(size), int(channels), window, max_pixels) for key in todo]
     bar = tqdm(total=len(jobs), unit="img", desc="preprocess", disable=not progress, dynamic_ncols=True)
     try:
         if workers and workers > 1 and len(jobs) > 1:
