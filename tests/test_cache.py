@@ -184,3 +184,22 @@ def test_pixel_limit_in_the_source_and_the_cache(tmp_path):
         open_image_source(ImageConfig(), max_pixels=-1)
     summary = build_cache(paths, tmp_path / "cache", size=16, progress=False, max_pixels=2000)
     assert summary.rejected == 1 and "max_pixels=2000" in summary.rejects[0][1]
+
+
+def test_loading_a_rejected_file_names_the_original_reason(tmp_path):
+    """A file preprocess rejected is not 'missing from the cache': re-running preprocess cannot help."""
+    from medclipin.data.readers import ImageReadError
+
+    paths = _pngs(tmp_path / "src", 1)
+    (tmp_path / "src" / "bad.png").write_text("a report, not an image")
+    (tmp_path / "src" / "empty.dcm").write_bytes(b"")
+    build_cache([*paths, tmp_path / "src" / "bad.png", tmp_path / "src" / "empty.dcm"], tmp_path / "cache",
+                size=16, progress=False)
+    source = open_image_source(ImageConfig(size=16), str(tmp_path / "cache"))
+    with pytest.raises(ImageReadError, match=r"bad\.png: rejected by medclipin preprocess .*: not a DICOM, PNG or JPEG"):
+        source.load(str(tmp_path / "src" / "bad.png"))
+    with pytest.raises(ImageReadError, match=r"empty\.dcm: rejected .*: empty file \(0 bytes\)") as info:
+        source.load(str(tmp_path / "src" / "empty.dcm"))
+    assert "run `medclipin preprocess" not in str(info.value)
+    with pytest.raises(CacheError, match="is not in the image cache"):  # never seen by preprocess
+        source.load(str(tmp_path / "src" / "other.png"))

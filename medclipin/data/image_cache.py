@@ -28,6 +28,7 @@ import numpy as np
 
 from medclipin.atomic import atomic_open
 from medclipin.data.geometry import GeometryInfo
+from medclipin.data.reader_base import ImageReadError
 from medclipin.errors import MedclipinError
 
 CACHE_FORMAT = "medclipin-image-cache"
@@ -68,6 +69,15 @@ def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, list]:
     if tuple(payload.get("fields", ())) != INDEX_FIELDS:
         raise CacheError(f"{index_path}: unexpected index fields; rebuild the cache with `medclipin preprocess`")
     return payload["entries"]
+
+
+def read_rejects(cache_dir: str | os.PathLike) -> dict[str, str]:
+    """Source path → why the last ``medclipin preprocess`` run could not decode it (``rejects.csv``)."""
+    path = Path(cache_dir) / "rejects.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["path"]: row["reason"] for row in csv.DictReader(handle) if row.get("path")}
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -165,6 +175,7 @@ class CacheReader:
 
     Raises:
         CacheError: ``cache_dir`` is not a cache (at construction), or a path is not in it.
+        ImageReadError: the path was rejected when the cache was built (the message gives the reason).
     """
 
     def __init__(self, cache_dir: str | os.PathLike):
@@ -175,11 +186,28 @@ class CacheReader:
         self._index: dict[str, int] | None = None
         self._table: np.ndarray | None = None
         self._maps: dict[int, np.memmap] = {}
+        self._rejects: dict[str, str] | None = None
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_index"], state["_table"], state["_maps"] = None, None, {}  # reopened lazily in the worker
+        # reopened lazily in the worker
+        state["_index"], state["_table"], state["_maps"], state["_rejects"] = None, None, {}, None
         return state
+
+    def _missing(self, path: str) -> MedclipinError:
+        """Why ``path`` has no row: rejected by preprocess (with its reason), or never cached."""
+        if self._rejects is None:
+            self._rejects = read_rejects(self.cache_dir)
+        key = cache_key(path)
+        reason = self._rejects.get(key)
+        if reason is not None:
+            reason = reason[len(key) + 2:] if reason.startswith(key + ": ") else reason  # the path is named once
+            return ImageReadError(f"{path}: rejected by medclipin preprocess when the cache {self.cache_dir} was "
+                                  f"built: {reason}")
+        meta = self.meta
+        return CacheError(f"{path} is not in the image cache {self.cache_dir}; run `medclipin preprocess "
+                          f"--manifest MANIFEST --size {meta['size']} --domain {meta['domain']} "
+                          f"--out {self.cache_dir}` for this manifest")
 
     def _entry(self, path: str) -> np.ndarray:
         if self._index is None:
@@ -188,10 +216,7 @@ class CacheReader:
             self._index = {key: i for i, key in enumerate(entries)}
         position = self._index.get(cache_key(path))
         if position is None:
-            meta = self.meta
-            raise CacheError(f"{path} is not in the image cache {self.cache_dir}; run `medclipin preprocess "
-                             f"--manifest MANIFEST --size {meta['size']} --domain {meta['domain']} "
-                             f"--out {self.cache_dir}` for this manifest (or see {self.cache_dir}/rejects.csv)")
+            raise self._missing(path)
         return self._table[position]  # float64: exact for all fields the reader uses (not mtime_ns)
 
     def _row(self, shard: int, row: int) -> np.ndarray:

@@ -105,7 +105,8 @@ class ImageSource:
 
         Raises:
             CacheError: (cache) the path is not in the cache; the message says which command builds it.
-            ImageReadError: (no cache) the file cannot be decoded.
+            ImageReadError: the file cannot be decoded (with a cache: it was rejected when the cache was
+                built; the message gives the original reason).
         """
         return self.load_with_geometry(path)[0]
 
