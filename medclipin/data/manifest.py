@@ -140,7 +140,8 @@ def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, wher
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Read a CSV or JSONL manifest. Relative image paths resolve against the manifest's folder.
+    """Read a CSV or JSONL manifest (UTF-8, with or without a byte-order mark). Relative image paths
+    resolve against the manifest's folder.
 
     Raises:
         ManifestError: a row lacks a required field or has an invalid split/label/boxes value;
@@ -152,7 +153,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     base_dir = path.resolve().parent
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
@@ -164,7 +165,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             columns.extend(k for k in row if k not in columns)
         first_row = 1
     else:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])
             rows = list(reader)
