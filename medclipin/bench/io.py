@@ -17,7 +17,6 @@ import os
 import random
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -64,10 +63,9 @@ class _Runner:
         self.workers = max(1, int(workers))
         self.pool = None
         if self.workers > 1:
-            import multiprocessing
+            from medclipin.data.preprocess import process_pool
 
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
+            self.pool = process_pool(self.workers)  # workers end with this process, even on SIGKILL
             list(self.pool.map(_noop, range(self.workers * 2)))  # start the processes before timing
 
     def rate(self, fn, tasks: list[tuple]) -> float:

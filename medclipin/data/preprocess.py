@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import cv2
 
@@ -65,6 +68,59 @@ def _worker_init() -> None:
     # one decode per process: N processes × M OpenCV/OpenMP threads would oversubscribe the cores
     cv2.setNumThreads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker as soon as ``parent_pid`` ends, however it ends (SIGKILL included).
+
+    Linux: the kernel sends SIGKILL on the parent's death (``prctl(PR_SET_PDEATHSIG)``). Elsewhere (or
+    if prctl fails) a daemon thread polls the parent id once a second. Either way the parent may have
+    died before this ran, so the parent id is checked once right away.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _start_worker(parent_pid: int, initializer: Callable[[], None] | None) -> None:
+    _die_with_parent(parent_pid)
+    if initializer is not None:
+        initializer()
+
+
+def process_pool(workers: int, initializer: Callable[[], None] | None = None) -> ProcessPoolExecutor:
+    """A process pool whose workers end with this process, even when it is killed with SIGKILL.
+
+    Workers are started with ``spawn``: not ``fork`` (a forked child inherits OpenCV/OpenMP thread pools
+    in an undefined state and can deadlock in its first ``cv2.resize``), and not ``forkserver`` (its
+    server process and the workers it forks outlive a killed parent). Each worker ties its life to
+    this process (:func:`_die_with_parent`); with the workers gone, multiprocessing's resource tracker
+    sees its pipe close and exits too.
+
+    Args:
+        workers: number of processes.
+        initializer: called once in each worker after that (must be picklable: a module-level function).
+    """
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_start_worker, initargs=(os.getpid(), initializer))
 
 
 def build_cache(
@@ -142,11 +198,7 @@ def build_cache(
     bar = tqdm(total=len(jobs), unit="img", desc="preprocess", disable=not progress, dynamic_ncols=True)
     try:
         if workers and workers > 1 and len(jobs) > 1:
-            # forkserver/spawn, not fork: a forked child inherits OpenCV/OpenMP thread pools in an
-            # undefined state and can deadlock in its first cv2.resize once the parent used them.
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(max_workers=workers, initializer=_worker_init,
-                                     mp_context=multiprocessing.get_context(method)) as pool:
+            with process_pool(workers, initializer=_worker_init) as pool:
                 chunk = max(1, min(16, len(jobs) // (workers * 8)))
                 for result in pool.map(_decode_job, jobs, chunksize=chunk):
                     store(result)
