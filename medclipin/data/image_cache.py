@@ -148,7 +148,7 @@ class CacheWriter:
             shard, row = divmod(self._next_row, self.rows_per_shard)
             self._next_row += 1
         if shard not in self._handles:
-            self._handles[shard] = os.open(self.out / f"shard_{shard:05d}.u8", os.O_RDWR | os.O_CREAT, 0o644)
+            self._handles[shard] = os.open(self.out / f"shard_{shard:05d}.u8", os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
         os.pwrite(self._handles[shard], np.ascontiguousarray(array).tobytes(), row * self.row_bytes)
         self.index[key] = [shard, row, file_size, mtime_ns, *info.original_size, *info.crop, info.scale, *info.pad]
 
