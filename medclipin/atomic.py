@@ -16,6 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from medclipin.errors import MedclipinError
+
+
+class OutputPathError(MedclipinError, OSError):
+    """An output path cannot be written: it is a file where a folder is needed (or the reverse), or
+    the folder it would go in is not writable. Raised before any work starts."""
+
 
 def current_umask() -> int:
     """The process umask, read without changing it where the system allows (Linux ≥ 4.7)."""
@@ -101,3 +108,51 @@ def replace_directory(staging: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, directory)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe_writable(folder: Path, target: Path) -> None:
+    """Create and remove a file in ``folder``: the only test that also sees read-only mounts, ACLs and root squash."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".medclipin-write-test.")
+    except OSError as exc:
+        raise OutputPathError(f"{target}: cannot write in {folder} ({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_dir(path: str | os.PathLike) -> Path:
+    """Fail now, not after the work, when ``path`` cannot be an output folder.
+
+    Raises:
+        OutputPathError: ``path`` (or a parent) exists and is not a folder, or the folder (or the
+            nearest existing parent, when it is still to be made) is not writable.
+    """
+    path = Path(path)
+    existing = _nearest_existing(path.absolute())
+    if not existing.is_dir():
+        what = "is a file" if existing == path.absolute() else f"cannot be made: {existing} is a file"
+        raise OutputPathError(f"{path}: {what}; an output folder is needed")
+    _probe_writable(existing, path)
+    return path
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Fail now, not after the work, when ``path`` cannot be written as a file.
+
+    Raises:
+        OutputPathError: ``path`` is a folder, a parent is a file, or its folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a folder; an output file is needed")
+    existing = _nearest_existing(path.absolute().parent)
+    if not existing.is_dir():
+        raise OutputPathError(f"{path}: cannot be made: {existing} is a file")
+    _probe_writable(existing, path)
+    return path

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from medclipin.atomic import atomic_open, check_output_file
 from medclipin.data.manifest import write_manifest
 from medclipin.data.prepare import DATASETS, adapter
 
@@ -87,6 +88,9 @@ def print_summary(dataset: str, out: Path, summary: dict, stream=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for output in (args.out, args.summary):
+        if output:
+            check_output_file(output)  # before reading the raw dataset
     module = adapter(args.dataset)
     fixed = DATASETS[args.dataset][2]
     result = module.prepare(args.root, options_from_args(module.Options, fixed, args))
@@ -95,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     summary = {"dataset": args.dataset, **result.summary()}
     print_summary(args.dataset, out, summary)
     if args.summary:
-        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with atomic_open(args.summary, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(summary, indent=2) + "\n")
     if args.show_text and result.records:
         first = result.records[0]
         print(f"  first record text (--show-text): findings={first.findings!r} impression={first.impression!r} "

@@ -31,9 +31,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.data.preprocess import build_cache
+    from medclipin.atomic import check_output_dir
     from medclipin.data.manifest import read_manifest
+    from medclipin.data.preprocess import build_cache
 
+    check_output_dir(args.out)  # before reading the manifest: fail in a second, not after the work
     manifest = read_manifest(args.manifest)
     paths = [record.image_path for record in manifest.records]
     summary = build_cache(paths, args.out, size=args.size, domain=args.domain, channels=args.channels,

@@ -30,9 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate (or reuse) the dataset and print a count summary. Never prints report text."""
+    from medclipin.atomic import check_output_dir
     from medclipin.data.manifest import read_manifest
     from medclipin.data.synthetic import CLASS_NAMES, SyntheticDatasetError, generate_synthetic_dataset
 
+    check_output_dir(args.out)
     try:
         manifest_path = generate_synthetic_dataset(
             args.out, n_patients=args.patients, image_size=args.size, seed=args.seed,

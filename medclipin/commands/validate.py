@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
+from medclipin.atomic import atomic_open, check_output_file
 from medclipin.data.reader_base import DEFAULT_MAX_PIXELS
 from medclipin.data.validate import ValidationReport, validate_manifest
 
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="decode every image (default: a sample)")
     parser.add_argument("--sample", type=int, default=32, help="images decoded when --all is not given (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the decode sample")
-    parser.add_argument("--json", default=None, metavar="OUT", help="write the full report as JSON")
+    parser.add_argument("--json", "--out", dest="json", default=None, metavar="OUT",
+                        help="write the full report (with every bad file) as JSON")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                         help=f"larger images count as bad files (default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
 
@@ -65,12 +66,14 @@ def print_report(report: ValidationReport, stream=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json)  # before the checks, which can take minutes with --all
     report = validate_manifest(args.manifest, check_all=args.all, sample=args.sample, seed=args.seed,
                                max_pixels=args.max_pixels)
     print_report(report)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        with atomic_open(args.json, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0 if report.ok else 1
 
 

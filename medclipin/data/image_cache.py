@@ -104,12 +104,15 @@ class CacheWriter:
         rows_per_shard: images per shard file (a resumed cache keeps its own).
 
     Raises:
-        CacheError: the folder holds a cache with other settings.
+        CacheError: the folder cannot be created, or holds a cache with other settings.
     """
 
     def __init__(self, out_dir: str | os.PathLike, settings: dict, rows_per_shard: int = 1024):
         self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"{self.out}: cannot create the cache folder ({exc.strerror or exc})") from exc
         wanted = {"format": CACHE_FORMAT, "version": CACHE_VERSION, **{k: settings[k] for k in PIXEL_SETTINGS},
                   "rows_per_shard": int(rows_per_shard)}
         if (self.out / "cache.json").is_file():
