@@ -196,6 +196,31 @@ def _grayscale_pipeline(arr: np.ndarray, ds: pydicom.Dataset, window: str, bits:
     return pixels
 
 
+class _HeaderProblem(Exception):
+    """Why a DICOM header cannot give an image (becomes an ImageReadError naming file and syntax)."""
+
+
+def _image_header(ds: pydicom.Dataset, frame: int | None, max_pixels: int | None) -> tuple[int, int, int, str, int]:
+    """(frames, rows, columns, photometric interpretation, bits stored), after the checks that need
+    no pixel data: pixel data present, frame choice, and the pixel limit."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _HeaderProblem("no pixel data in the file")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise _HeaderProblem("no Rows/Columns in the header")
+    frames = int(_first(ds.get("NumberOfFrames")) or 1)
+    if frames > 1 and frame is None:
+        raise _HeaderProblem(f"multi-frame image ({frames} frames); pass frame=0..{frames - 1}")
+    if frame is not None and not 0 <= frame < frames:
+        raise _HeaderProblem(f"frame {frame} requested but the file has {frames} frame(s)")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    # only the requested frame is decoded (pixel_array(index=...)), so one frame counts
+    if reason := pixel_limit_reason(cols, rows, max_pixels):
+        raise _HeaderProblem(reason)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    return frames, rows, cols, photometric, bits
+
+
 def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str = "first",
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a DICOM file (with or without file-meta header) to float32 [0, 1]. See :func:`read_image`.
@@ -219,25 +244,12 @@ def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str
     def fail(reason: str) -> ImageReadError:
         return ImageReadError(f"{path} (transfer syntax {syntax}): {reason}")
 
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise fail("no pixel data in the file")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise fail("no Rows/Columns in the header")
-    frames = int(_first(ds.get("NumberOfFrames")) or 1)
-    if frames > 1 and frame is None:
-        raise fail(f"multi-frame image ({frames} frames); pass frame=0..{frames - 1}")
-    if frame is not None and not 0 <= frame < frames:
-        raise fail(f"frame {frame} requested but the file has {frames} frame(s)")
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (TypeError, ValueError) as exc:
-        raise fail(f"unreadable Rows/Columns ({_short_reason(exc)})") from exc
-    # only the requested frame is decoded (pixel_array(index=...)), so one frame counts
-    if reason := pixel_limit_reason(cols, rows, max_pixels):
-        raise fail(reason)
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+        frames, rows, cols, photometric, bits = _image_header(ds, frame, max_pixels)
+    except _HeaderProblem as problem:
+        raise fail(str(problem)) from None
+    except Exception as exc:  # a malformed value (BitsStored "x", ...) is the file's fault, not a crash
+        raise fail(f"unreadable image header ({_short_reason(exc)})") from exc
     try:
         # raw=True: no automatic YBR→RGB conversion (done below with OpenCV where needed);
         # index: decode only the requested frame of a multi-frame file.
