@@ -222,6 +222,7 @@ def test_voi_lut_sequence_is_used_before_window(tmp_path):
     np.testing.assert_allclose(read_image(path).pixels, [[0.0, 1.0], [0.5, 0.25]], atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
 def test_malformed_header_values_are_named_errors(tmp_path):
     """A header value that cannot be read as a number is the file's fault: ImageReadError, not ValueError."""
     import pydicom
