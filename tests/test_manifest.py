@@ -82,3 +82,14 @@ def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
     for name in ("bom.csv", "bom.jsonl"):
         records = read_manifest(tmp_path / name).records
         assert [r.record_id for r in records] == ["r1"] and records[0].split == "train"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_other_columns_are_kept_in_extra(tmp_path, suffix):
+    records = _records(tmp_path)
+    records[0].extra = {"pair_noise": "swapped"}
+    path = write_manifest(tmp_path / f"m{suffix}", records)
+    first, second = read_manifest(path).records
+    assert first.extra == {"pair_noise": "swapped"} and second.extra == {"pair_noise": ""}
+    records[0].extra = {}
+    assert read_manifest(write_manifest(tmp_path / f"plain{suffix}", records)).records[0].extra == {}
