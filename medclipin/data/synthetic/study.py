@@ -14,7 +14,7 @@ from medclipin.data.synthetic.cohort import patient_id, patient_rng, study_id, s
 from medclipin.data.synthetic.design import CLASS_NAMES, DETECTOR_MM
 from medclipin.data.synthetic.lesions import choose_classes
 from medclipin.data.synthetic.radiograph import render
-from medclipin.data.synthetic.reports import draft_report
+from medclipin.data.synthetic.reports import ReportDraft, draft_report
 
 
 @dataclass
@@ -40,6 +40,8 @@ class SyntheticStudy:
     impression: str
     labels: dict[str, int]
     boxes: list[Box] = field(default_factory=list)
+    # the report with its sentences tagged by class; findings/impression are its full text
+    report: ReportDraft | None = field(default=None, repr=False, compare=False)
 
 
 def synthesize_study(seed: int, patient_index: int, study_index: int, image_size: int = 256) -> SyntheticStudy:
@@ -68,7 +70,8 @@ def synthesize_study(seed: int, patient_index: int, study_index: int, image_size
     # DICOM linear VOI (PS3.3 C.11.2.1.2.1) maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2] onto the output
     window = (0.5 * (lo + hi) + 0.5, float(hi - lo + 1))
 
-    findings_text, impression_text = draft_report(text_rng, findings, view).text()
+    report = draft_report(text_rng, findings, view)
+    findings_text, impression_text = report.text()
     labels = {c: int(any(f.label == c for f in findings)) for c in CLASS_NAMES}
     boxes = [Box(f.label, f.box) for f in findings]
     study_date = first_day + timedelta(days=int(study_index * (30 + image_rng.integers(0, 300))))
@@ -77,5 +80,5 @@ def synthesize_study(seed: int, patient_index: int, study_index: int, image_size
         study_date=study_date.strftime("%Y%m%d"), view=view, photometric=photometric, sex=sex,
         stored=stored.astype(np.uint16), rendered=rendered, window=window,
         pixel_spacing_mm=DETECTOR_MM / image_size, findings=findings_text, impression=impression_text,
-        labels=labels, boxes=boxes,
+        labels=labels, boxes=boxes, report=report,
     )
