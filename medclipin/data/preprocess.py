@@ -21,7 +21,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import cv2
 
@@ -197,18 +197,21 @@ def build_cache(
     jobs = [(key, domain, int(size), int(channels), window, max_pixels) for key in todo]
     bar = tqdm(total=len(jobs), unit="img", desc="preprocess", disable=not progress, dynamic_ncols=True)
     try:
-        if workers and workers > 1 and len(jobs) > 1:
-            with process_pool(workers, initializer=_worker_init) as pool:
-                chunk = max(1, min(16, len(jobs) // (workers * 8)))
-                for result in pool.map(_decode_job, jobs, chunksize=chunk):
-                    store(result)
-                    bar.update(1)
-        else:
-            for job in jobs:
-                store(_decode_job(job))
-                bar.update(1)
+        for result in _decoded(jobs, workers):
+            store(result)
+            bar.update(1)
     finally:
         bar.close()
         writer.close(summary.rejects)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _decoded(jobs: list[tuple], workers: int) -> Iterator[tuple]:
+    """The results of :func:`_decode_job` for every job, in order: in a process pool, or in this process."""
+    if workers and workers > 1 and len(jobs) > 1:
+        with process_pool(workers, initializer=_worker_init) as pool:
+            yield from pool.map(_decode_job, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 8))))
+    else:
+        for job in jobs:
+            yield _decode_job(job)

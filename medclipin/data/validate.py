@@ -178,6 +178,36 @@ def _prevalence(records: list[Record], label_names: list[str]) -> dict[str, dict
     return prevalence
 
 
+@dataclass
+class _DecodeCheck:
+    checked: int = 0
+    sampled: bool = False
+    per_split: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # exception type -> count
+    bad_files: list[dict[str, str]] = field(default_factory=list)
+
+
+def _decode_check(records: list[Record], existing: set[str], check_all: bool, sample: int, seed: int,
+                  max_pixels: int | None) -> _DecodeCheck:
+    """Decode every existing file (``check_all``) or a sample stratified by split and extension."""
+    from medclipin.data.readers import read_image  # lazy: image decoding pulls in pydicom/Pillow
+
+    split_of = {r.image_path: r.split for r in records}
+    strata: dict[tuple, list[str]] = defaultdict(list)
+    for image_path in existing:
+        strata[(split_of[image_path], os.path.splitext(image_path)[1].lower())].append(image_path)
+    result = _DecodeCheck(sampled=not check_all and len(existing) > sample)
+    for image_path in stratified_sample(strata, sample, seed) if result.sampled else sorted(existing):
+        result.checked += 1
+        result.per_split[split_of[image_path]] += 1
+        try:
+            read_image(image_path, max_pixels=max_pixels)
+        except Exception as exc:  # any decoder failure counts, with its reason
+            result.reasons[type(exc).__name__] += 1
+            result.bad_files.append({"path": image_path, "reason": _reason(exc, image_path)})
+    return result
+
+
 def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: int = 32,
                       seed: int = 0, decode: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ValidationReport:
     """Check a manifest.
@@ -207,29 +237,10 @@ def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: 
     duplicate_paths, duplicate_content, cross_split = _duplicates(records, sizes)
 
     bad_files = [{"path": p, "reason": reason} for p, reason in problems.items()]
-    decode_errors, checked = 0, 0
-    reasons: Counter = Counter()
-    checked_per_split: Counter = Counter()
     existing = {r.image_path for r in records if sizes[r.image_path] >= 0}
-    sampled = False
-    if decode:
-        from medclipin.data.readers import read_image  # lazy: image decoding pulls in pydicom/Pillow
-
-        split_of = {r.image_path: r.split for r in records}
-        strata: dict[tuple, list[str]] = defaultdict(list)
-        for image_path in existing:
-            strata[(split_of[image_path], os.path.splitext(image_path)[1].lower())].append(image_path)
-        sampled = not check_all and len(existing) > sample
-        chosen = stratified_sample(strata, sample, seed) if sampled else sorted(existing)
-        for image_path in chosen:
-            checked += 1
-            checked_per_split[split_of[image_path]] += 1
-            try:
-                read_image(image_path, max_pixels=max_pixels)
-            except Exception as exc:  # any decoder failure counts, with its reason
-                decode_errors += 1
-                reasons[type(exc).__name__] += 1
-                bad_files.append({"path": image_path, "reason": _reason(exc, image_path)})
+    decoding = _decode_check(records, existing, check_all, sample, seed, max_pixels) if decode else _DecodeCheck()
+    bad_files += decoding.bad_files
+    decode_errors, checked, sampled = len(decoding.bad_files), decoding.checked, decoding.sampled
 
     failures = []
     if not records:
@@ -253,7 +264,7 @@ def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: 
         missing_files=missing,
         decode_checked=checked,
         decode_errors=decode_errors,
-        decode_error_reasons=dict(reasons),
+        decode_error_reasons=dict(decoding.reasons),
         duplicate_paths=duplicate_paths,
         duplicate_content=duplicate_content,
         cross_split_images=cross_split,
@@ -264,6 +275,6 @@ def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: 
         unreadable_files=unreadable,
         existing_files=len(existing),
         decode_sampled=sampled,
-        decode_checked_per_split={s: checked_per_split.get(s, 0) for s in SPLITS},
+        decode_checked_per_split={s: decoding.per_split.get(s, 0) for s in SPLITS},
         bad_files=sorted(bad_files, key=lambda e: e["path"]),
     )
