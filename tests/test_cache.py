@@ -1,4 +1,5 @@
-"""Decode-once cache: build, read back, resume, redo changed files, rejects, the ImageSource entry point."""
+"""Decode-once cache: build, read back, resume, redo changed files, rejects, the ImageSource entry point
+(medclipin.data.image_source, image_cache, preprocess; and the old medclipin.data.cache import path)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from medclipin.config import ImageConfig
-from medclipin.data import cache as cache_module
-from medclipin.data.cache import CacheError, build_cache, open_image_source, prepare_image
+from medclipin.data import preprocess as preprocess_module
+from medclipin.data.image_cache import CacheError
+from medclipin.data.image_source import open_image_source, prepare_image
+from medclipin.data.preprocess import build_cache
 
 
 def _pngs(folder, count: int, shape=(40, 60)) -> list[str]:
@@ -59,7 +62,7 @@ def test_parallel_build_with_rejects(tmp_path):
 
 def test_resume_after_interruption_and_redo_changed(tmp_path, monkeypatch):
     paths = _pngs(tmp_path / "src", 6)
-    real_job, calls = cache_module._decode_job, []
+    real_job, calls = preprocess_module._decode_job, []
 
     def interrupted(job):
         if len(calls) == 3:
@@ -67,10 +70,10 @@ def test_resume_after_interruption_and_redo_changed(tmp_path, monkeypatch):
         calls.append(job)
         return real_job(job)
 
-    monkeypatch.setattr(cache_module, "_decode_job", interrupted)
+    monkeypatch.setattr(preprocess_module, "_decode_job", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build_cache(paths, tmp_path / "cache", size=16, progress=False)
-    monkeypatch.setattr(cache_module, "_decode_job", real_job)
+    monkeypatch.setattr(preprocess_module, "_decode_job", real_job)
     resumed = build_cache(paths, tmp_path / "cache", size=16, progress=False)
     assert (resumed.reused, resumed.decoded) == (3, 3)
 
@@ -89,7 +92,7 @@ def test_source_is_picklable_and_errors_are_clear(tmp_path):
     source = open_image_source(ImageConfig(size=16), str(tmp_path / "cache"))
     source.load(paths[0])  # opens the memmap in this process
     clone = pickle.loads(pickle.dumps(source))
-    assert clone._maps == {} and clone._index is None and clone.load(paths[0]).shape == (16, 16)
+    assert clone._cache._maps == {} and clone._cache._index is None and clone.load(paths[0]).shape == (16, 16)
     with pytest.raises(CacheError, match=r"img001\.png is not in the image cache.*medclipin preprocess"):
         clone.load(paths[1])
     with pytest.raises(CacheError, match="no cache.json"):
@@ -148,3 +151,55 @@ def test_io_benchmark_runs_and_reports(tmp_path, capsys):
     assert set(result["raw_dicom"]) == {"UNCR", "UNCI", "J2KR", "J2KI"}
     assert result["cache"]["entries"] == 8 and result["cache_vs_raw_dicom"] > 1
     assert (tmp_path / "io.json").is_file() and "cache vs mean raw DICOM" in capsys.readouterr().out
+
+
+def test_old_import_path_still_works():
+    """dataset.py, eval/ and bench/ import from medclipin.data.cache; the split modules are the same objects."""
+    from medclipin.data import cache, image_cache, image_source, preprocess
+
+    assert cache.open_image_source is image_source.open_image_source
+    assert cache.build_cache is preprocess.build_cache and cache.CacheError is image_cache.CacheError
+
+
+def test_pixel_limit_in_the_source_and_the_cache(tmp_path):
+    """max_pixels reaches read_image from open_image_source (argument, or a config field of that name)
+    and from build_cache / preprocess --max-pixels (a rejected file, with the reason)."""
+    import dataclasses
+
+    from medclipin.data.readers import ImageReadError
+
+    paths = _pngs(tmp_path / "src", 1)  # 40 × 60 = 2,400 pixels
+    with pytest.raises(ImageReadError, match=r"img000\.png: image is 60×40 .*max_pixels=2000\)"):
+        open_image_source(ImageConfig(size=16), max_pixels=2000).load(paths[0])
+    assert open_image_source(ImageConfig(size=16), max_pixels=0).load(paths[0]).shape == (16, 16)
+
+    @dataclasses.dataclass
+    class ConfigWithLimit(ImageConfig):  # what the lead adds as data.image.max_pixels
+        max_pixels: int = 2000
+
+    with pytest.raises(ImageReadError, match="max_pixels=2000"):
+        open_image_source(ConfigWithLimit(size=16)).load(paths[0])
+    assert open_image_source(ConfigWithLimit(size=16), max_pixels=2400).load(paths[0]).shape == (16, 16)
+    with pytest.raises(ValueError, match="max_pixels"):
+        open_image_source(ImageConfig(), max_pixels=-1)
+    summary = build_cache(paths, tmp_path / "cache", size=16, progress=False, max_pixels=2000)
+    assert summary.rejected == 1 and "max_pixels=2000" in summary.rejects[0][1]
+
+
+def test_loading_a_rejected_file_names_the_original_reason(tmp_path):
+    """A file preprocess rejected is not 'missing from the cache': re-running preprocess cannot help."""
+    from medclipin.data.readers import ImageReadError
+
+    paths = _pngs(tmp_path / "src", 1)
+    (tmp_path / "src" / "bad.png").write_text("a report, not an image")
+    (tmp_path / "src" / "empty.dcm").write_bytes(b"")
+    build_cache([*paths, tmp_path / "src" / "bad.png", tmp_path / "src" / "empty.dcm"], tmp_path / "cache",
+                size=16, progress=False)
+    source = open_image_source(ImageConfig(size=16), str(tmp_path / "cache"))
+    with pytest.raises(ImageReadError, match=r"bad\.png: rejected by medclipin preprocess .*: not a DICOM, PNG or JPEG"):
+        source.load(str(tmp_path / "src" / "bad.png"))
+    with pytest.raises(ImageReadError, match=r"empty\.dcm: rejected .*: empty file \(0 bytes\)") as info:
+        source.load(str(tmp_path / "src" / "empty.dcm"))
+    assert "run `medclipin preprocess" not in str(info.value)
+    with pytest.raises(CacheError, match="is not in the image cache"):  # never seen by preprocess
+        source.load(str(tmp_path / "src" / "other.png"))

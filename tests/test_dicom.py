@@ -220,3 +220,22 @@ def test_voi_lut_sequence_is_used_before_window(tmp_path):
     path = make_dicom(tmp_path / "lut.dcm", stored, bits=2, WindowCenter=1, WindowWidth=2,
                       VOILUTSequence=[lut_item])
     np.testing.assert_allclose(read_image(path).pixels, [[0.0, 1.0], [0.5, 0.25]], atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR IS")
+def test_malformed_header_values_are_named_errors(tmp_path):
+    """A header value that cannot be read as a number is the file's fault: ImageReadError, not ValueError."""
+    import pydicom
+    from test_prepare_common import write_dicom
+
+    path = write_dicom(tmp_path / "bad_bits.dcm")
+    ds = pydicom.dcmread(path)
+    ds.BitsStored = 12
+    ds.save_as(path)
+    data = path.read_bytes()
+    # BitsStored (0028,0101) US 12 -> change its VR to IS with a non-number (the length stays 2)
+    patched = data.replace(b"\x28\x00\x01\x01US\x02\x00\x0c\x00", b"\x28\x00\x01\x01IS\x02\x00x!")
+    assert patched != data
+    path.write_bytes(patched)
+    with pytest.raises(ImageReadError, match=r"bad_bits\.dcm \(transfer syntax .*\): unreadable image header"):
+        read_image(path)

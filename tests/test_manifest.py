@@ -72,3 +72,24 @@ def test_bad_boxes_and_bad_json_line(tmp_path):
     jsonl.write_text(json.dumps({"record_id": "r1", "image_path": "a", "split": "train"}) + "\n{oops\n")
     with pytest.raises(ManifestError, match="line 2"):
         read_manifest(jsonl)
+
+
+def test_utf8_bom_is_not_part_of_the_first_column(tmp_path):
+    """Excel and Windows tools save CSV with a UTF-8 BOM; it used to make 'record_id' unreadable."""
+    text = "record_id,patient_id,study_id,image_path,split,findings\nr1,p1,s1,a.png,train,Clear.\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"record_id": "r1", "image_path": "a.png", "split": "train"}\n')
+    for name in ("bom.csv", "bom.jsonl"):
+        records = read_manifest(tmp_path / name).records
+        assert [r.record_id for r in records] == ["r1"] and records[0].split == "train"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_other_columns_are_kept_in_extra(tmp_path, suffix):
+    records = _records(tmp_path)
+    records[0].extra = {"pair_noise": "swapped"}
+    path = write_manifest(tmp_path / f"m{suffix}", records)
+    first, second = read_manifest(path).records
+    assert first.extra == {"pair_noise": "swapped"} and second.extra == {"pair_noise": ""}
+    records[0].extra = {}
+    assert read_manifest(write_manifest(tmp_path / f"plain{suffix}", records)).records[0].extra == {}

@@ -86,8 +86,36 @@ def test_read_table_formats(tmp_path):
 
 
 def test_every_registered_adapter_imports():
+    import dataclasses
+
     for name in DATASETS:
         module = adapter(name)
-        assert callable(module.prepare) and callable(module.add_arguments) and module.__doc__
+        assert callable(module.prepare) and dataclasses.is_dataclass(module.Options) and module.__doc__
+        assert not hasattr(module, "add_arguments")  # parsing is the command's job
     with pytest.raises(KeyError):
         adapter("nope")
+
+
+def test_adapters_take_typed_options_and_raise_prepare_errors(tmp_path):
+    """No argparse below medclipin/commands: an adapter is called with options or keywords, and bad
+    input is a PrepareError (a MedclipinError), never SystemExit."""
+    from medclipin.data.prepare import chexpert, image_folder, table
+    from medclipin.errors import MedclipinError
+
+    for name in ("a", "b"):
+        write_image(tmp_path / "set" / name / f"{name}1.png")
+    result = image_folder.prepare(tmp_path / "set", text_from_class=True, split_fractions=(1, 0, 0))
+    assert {r.text for r in result.records} == {"a", "b"} and {r.split for r in result.records} == {"train"}
+    options = image_folder.Options(view="PA")
+    assert {r.view for r in image_folder.prepare(tmp_path / "set", options).records} == {"PA"}
+    with pytest.raises(PrepareError, match="uncertain"):
+        chexpert.Options(uncertain="maybe")
+    with pytest.raises(PrepareError, match="split fractions"):
+        image_folder.Options(split_fractions=(1, 1))
+    with pytest.raises(PrepareError, match="image_column"):
+        table.prepare(tmp_path, label_column="x")
+    with pytest.raises(PrepareError, match="train.csv"):
+        chexpert.prepare(tmp_path / "set")
+    assert issubclass(PrepareError, MedclipinError)
+    with pytest.raises(TypeError):
+        image_folder.prepare(tmp_path / "set", no_such_option=1)

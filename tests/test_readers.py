@@ -97,3 +97,119 @@ def test_grey_alpha_and_rgba_png(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     pixels = read_image(tmp_path / "rgba.png").pixels
     assert pixels.shape == (6, 6, 3) and pixels[0, 0, 0] == 1.0 and pixels[0, 0, 2] == 0.0
+
+
+# ---------------------------------------------------------------------------------- bad input, named
+def _bad_file(tmp_path, case: str):
+    good_png = tmp_path / "good.png"
+    cv2.imwrite(str(good_png), np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
+    good_jpg = tmp_path / "good.jpg"
+    cv2.imwrite(str(good_jpg), np.random.default_rng(0).integers(0, 255, (64, 64)).astype(np.uint8))
+    path = tmp_path / {"zero_png": "zero.png", "zero_dcm": "zero.dcm", "truncated_png": "cut.png",
+                       "truncated_jpeg": "cut.jpg", "text_png": "notes.png", "text_dcm": "notes.dcm",
+                       "directory": "folder.png", "missing": "missing.dcm"}[case]
+    if case.startswith("zero"):
+        path.write_bytes(b"")
+    elif case == "truncated_png":
+        path.write_bytes(good_png.read_bytes()[: good_png.stat().st_size // 2])
+    elif case == "truncated_jpeg":
+        path.write_bytes(good_jpg.read_bytes()[: good_jpg.stat().st_size // 2])
+    elif case.startswith("text"):
+        path.write_text("Patient report, not an image.\n" * 30)
+    elif case == "directory":
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("zero_png", "empty file"), ("zero_dcm", "empty file"), ("truncated_png", "truncated or corrupt"),
+    ("truncated_jpeg", "truncated or corrupt"), ("text_png", "not a DICOM, PNG or JPEG"),
+    ("text_dcm", "not a DICOM, PNG or JPEG"), ("directory", "not a regular file"), ("missing", "cannot open"),
+])
+def test_every_bad_file_is_an_image_read_error_naming_file_and_reason(tmp_path, case, reason):
+    path = _bad_file(tmp_path, case)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and reason in message, message
+
+
+@pytest.mark.timeout(30)
+def test_non_regular_files_fail_fast(tmp_path):
+    """A device, a FIFO or a directory is never opened for parsing (/dev/zero used to hang in dcmread)."""
+    import os
+    import time
+
+    fifo = tmp_path / "pipe.dcm"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer appears
+    for path, kind in (("/dev/zero", "character device"), (fifo, "FIFO"), (tmp_path, "directory")):
+        start = time.perf_counter()
+        with pytest.raises(ImageReadError, match=rf"{os.fspath(path)}: not a regular file \(a {kind}\)"):
+            read_image(path)
+        assert time.perf_counter() - start < 1.0
+
+
+def test_large_all_zero_dcm_is_rejected_quickly(tmp_path):
+    """No magic bytes and no plausible DICOM start: rejected from a bounded read (took ~7 s for 20 MB)."""
+    import time
+
+    path = tmp_path / "zeros.dcm"
+    with open(path, "wb") as handle:
+        handle.truncate(20_000_000)
+    start = time.perf_counter()
+    with pytest.raises(ImageReadError, match=r"zeros\.dcm: not a DICOM, PNG or JPEG"):
+        read_image(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_headerless_dicom_and_other_rasters_still_load(tmp_path, shared_data):
+    assert read_image(shared_data / "dicom" / "cr_mono1_10bit_chest_no_meta.dcm").meta.original_size == (440, 440)
+    cv2.imwrite(str(tmp_path / "x.tif"), np.full((9, 7), 77, np.uint8))
+    image = read_image(tmp_path / "x.tif")
+    assert image.meta.source_format == "other" and image.pixels.shape == (9, 7)
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose IHDR claims width × height, with one tiny (invalid) IDAT: a 'bomb' that costs nothing to make."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path, monkeypatch):
+    from medclipin.data.reader_base import DEFAULT_MAX_PIXELS
+
+    assert DEFAULT_MAX_PIXELS == 100_000_000
+    _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("decoded despite the pixel limit"))
+    with pytest.raises(ImageReadError, match=r"bomb\.png: image is 20000×20000 = 400\.0 megapixels, above the "
+                                             r"limit of 100\.0 megapixels \(max_pixels=100000000\)"):
+        read_image(tmp_path / "bomb.png")
+
+
+def test_pixel_limit_png_jpeg_dicom_and_off_switch(tmp_path, monkeypatch):
+    from PIL import Image
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((30, 40), np.uint8))
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "b.jpg", exif=Image.Exif())  # APP1 before SOF
+    for name in ("a.png", "b.jpg"):
+        with pytest.raises(ImageReadError, match=rf"{name}: image is 40×30 = 0\.0012 megapixels.*max_pixels=1000\)"):
+            read_image(tmp_path / name, max_pixels=1000)
+        assert read_image(tmp_path / name, max_pixels=1200).pixels.shape[:2] == (30, 40)
+        assert read_image(tmp_path / name, max_pixels=None).pixels.shape[:2] == (30, 40)
+    dicom = get_testdata_file("MR_small.dcm")
+    import medclipin.data.dicom as dicom_module
+
+    real = dicom_module.pixel_array
+    monkeypatch.setattr(dicom_module, "pixel_array", lambda *a, **k: pytest.fail("decoded despite the pixel limit"))
+    with pytest.raises(ImageReadError, match=r"MR_small\.dcm.*image is 64×64 = 0\.0041 megapixels.*max_pixels=4000\)"):
+        read_image(dicom, max_pixels=4000)
+    monkeypatch.setattr(dicom_module, "pixel_array", real)
+    assert read_image(dicom, max_pixels=4096).pixels.shape == (64, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pydicom
@@ -188,7 +189,7 @@ def test_splits_by_patient(dataset):
 
 
 def test_study_count_scale():
-    from medclipin.data.synthetic import _n_studies
+    from medclipin.data.synthetic.cohort import n_studies as _n_studies
 
     total = sum(_n_studies(0, p) for p in range(1600))
     assert 2200 <= total <= 2600
@@ -274,3 +275,121 @@ def test_prompt_file_matches_classes():
     for entry in data["classes"].values():
         assert entry["positive"] and entry["negative"]
     assert all("{}" in t for t in data["templates"])
+
+
+# --------------------------------------------------------------------- loose and repetitive pairs
+@pytest.fixture(scope="module")
+def clean_and_noisy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pair_noise")
+    clean = generate_synthetic_dataset(out / "clean", n_patients=120, image_size=64, seed=9)
+    loose = generate_synthetic_dataset(out / "loose", n_patients=120, image_size=64, seed=9, loose_fraction=0.3)
+    repetitive = generate_synthetic_dataset(out / "rep", n_patients=120, image_size=64, seed=9, repetitive_fraction=0.5)
+    return clean, loose, repetitive
+
+
+def _by_id(manifest_path):
+    return {r.record_id: r for r in read_manifest(manifest_path).records}
+
+
+def test_loose_fraction_is_met_in_train_only(clean_and_noisy):
+    clean_path, loose_path, _ = clean_and_noisy
+    clean, loose = _by_id(clean_path), _by_id(loose_path)
+    train = [r for r in loose.values() if r.split == "train"]
+    kinds = [r.extra["pair_noise"] for r in train]
+    assert kinds.count("swapped") + kinds.count("omitted") == round(0.3 * len(train))
+    assert kinds.count("omitted") == round(0.3 * len(train)) // 2
+    for record_id, record in loose.items():
+        before = clean[record_id]
+        assert (record.labels, record.boxes, record.split, record.image_path.rsplit("/", 1)[-1]) == \
+            (before.labels, before.boxes, before.split, before.image_path.rsplit("/", 1)[-1])  # the truth stays
+        kind = record.extra["pair_noise"]
+        text, text_before = (record.findings, record.impression), (before.findings, before.impression)
+        if record.split != "train" or kind == "":
+            assert text == text_before and kind == ""
+        elif kind == "swapped":
+            others = {(r.findings, r.impression) for r in clean.values()
+                      if r.split == "train" and r.patient_id != record.patient_id}
+            assert text in others
+        else:  # omitted: a shorter version of its own report, some finding no longer mentioned
+            assert record.positive_labels() and text != text_before
+            sentences = lambda text: set(re.split(r"(?<=\.) ", text)) - {""}  # noqa: E731
+            assert sentences(record.findings) <= sentences(before.findings)
+
+
+def test_omitted_reports_drop_whole_findings():
+    from medclipin.data.synthetic.pair_noise import TrainReport, plan_pair_noise
+
+    studies = [synthesize_study(2, p, 0, 64) for p in range(40)]
+    train = [TrainReport(s.study_id, s.patient_id, p, 0, s.findings, s.impression, s.report,
+                         [c for c in CLASS_NAMES if s.labels[c]]) for p, s in enumerate(studies)]
+    plan = plan_pair_noise(2, train, loose_fraction=1.0)
+    word = {"Pleural Effusion": "effusion", "Cardiomegaly": "cardiomegaly", "Nodule": "nodule",
+            "Pneumothorax": "pneumothorax", "Consolidation": "consolidation"}
+    checked = 0
+    for report, study in zip(train, studies):
+        noisy = plan[report.study_id]
+        if noisy.pair_noise != "omitted":
+            continue
+        mentioned = {c for c in report.classes if word[c] in (noisy.findings + noisy.impression).lower()
+                     .replace(f"no {word[c]}", "").replace(f"without {word[c]}", "")}
+        assert mentioned < set(report.classes) or not report.classes, (report.classes, noisy)
+        checked += 1
+    assert checked == 20 and sum(n.pair_noise == "swapped" for n in plan.values()) == 20
+    # the plan depends on the study ids, not on the order the studies come in
+    assert plan_pair_noise(2, list(reversed(train)), loose_fraction=1.0) == plan
+
+
+def test_repetitive_fraction_is_met_for_train_normals_only(clean_and_noisy):
+    clean_path, _, repetitive_path = clean_and_noisy
+    clean, rep = _by_id(clean_path), _by_id(repetitive_path)
+    from medclipin.data.synthetic.pair_noise import NORMAL_TEMPLATES
+
+    normal_train = [r for r in rep.values() if r.split == "train" and not r.positive_labels()]
+    templated = [r for r in rep.values() if r.extra["report_template"]]
+    assert len(templated) == round(0.5 * len(normal_train))
+    assert all(r in normal_train for r in templated)
+    assert {(r.findings, r.impression) for r in templated} <= set(NORMAL_TEMPLATES)
+    assert len({r.extra["report_template"] for r in templated}) == 3
+    for record_id, record in rep.items():
+        if not record.extra["report_template"]:
+            assert (record.findings, record.impression) == (clean[record_id].findings, clean[record_id].impression)
+
+
+def test_default_output_unchanged_and_images_never_change(clean_and_noisy, tmp_path):
+    import hashlib
+
+    clean_path, loose_path, rep_path = clean_and_noisy
+    explicit = generate_synthetic_dataset(tmp_path / "zeros", n_patients=120, image_size=64, seed=9,
+                                          loose_fraction=0.0, repetitive_fraction=0)
+    for name in ("manifest.csv", "manifest_png.csv", "labels.csv", "synthetic.json"):
+        assert (explicit.parent / name).read_bytes() == (clean_path.parent / name).read_bytes(), name
+    header = clean_path.read_text().splitlines()[0]
+    assert "pair_noise" not in header and "report_template" not in header
+    assert json.loads((clean_path.parent / "synthetic.json").read_text())["parameters"] == \
+        {"n_patients": 120, "image_size": 64, "seed": 9}
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*/SYN*"))}
+
+    assert digest(clean_path.parent) == digest(loose_path.parent) == digest(rep_path.parent)
+    assert (loose_path.parent / "labels.csv").read_bytes() == (clean_path.parent / "labels.csv").read_bytes()
+    meta = json.loads((loose_path.parent / "synthetic.json").read_text())
+    assert meta["parameters"]["loose_fraction"] == 0.3 and sum(meta["counts"]["pair_noise"].values()) > 0
+    # a folder made with other knobs is "other parameters"
+    with pytest.raises(SyntheticDatasetError):
+        generate_synthetic_dataset(loose_path.parent, n_patients=120, image_size=64, seed=9)
+    with pytest.raises(ValueError, match="loose_fraction"):
+        generate_synthetic_dataset(tmp_path / "bad", n_patients=2, loose_fraction=1.5)
+
+
+def test_cli_pair_noise_options(tmp_path, capsys):
+    from medclipin.cli import main
+
+    assert main(["synth", "--out", str(tmp_path / "n"), "--patients", "12", "--size", "64",
+                 "--loose-fraction", "0.5", "--repetitive-fraction", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "loose train pairs:" in printed and "fixed normal template" in printed
+    records = read_manifest(tmp_path / "n" / "manifest.csv").records
+    assert any(r.extra["pair_noise"] for r in records) and any(r.extra["report_template"] for r in records)
+    for rec in records:
+        assert rec.findings not in printed and rec.patient_id not in printed

@@ -3,7 +3,7 @@
 import json
 import shutil
 
-from test_prepare_common import write_image
+from test_prepare_common import write_dicom, write_image
 
 from medclipin.commands.validate import main as validate_main
 from medclipin.data.manifest import Box, Record, write_manifest
@@ -62,3 +62,67 @@ def test_sample_and_malformed(tmp_path, capsys):
     bad.write_text("record_id,image_path,split\nr0,x.png,training\n")
     assert validate_main([str(bad)]) == 2
     assert "split" in capsys.readouterr().err
+
+
+def _five_bad(tmp_path, good: int = 40):
+    """A manifest of `good` readable PNGs and five bad files of different kinds (train split)."""
+    images = tmp_path / "images"
+    records = [Record(f"g{i}", f"pg{i}", f"sg{i}", str(write_image(images / f"good{i}.png", value=i)), "train",
+                      findings="Secret report text.")
+               for i in range(good)]
+    (images / "zero.png").write_bytes(b"")
+    full = (images / "good0.png").read_bytes()
+    (images / "cut.png").write_bytes(full[: len(full) // 2])
+    (images / "notes.dcm").write_text("not an image\n" * 20)
+    (images / "folder.png").mkdir()
+    bad = {"zero.png": "empty file", "cut.png": "truncated or corrupt", "notes.dcm": "not a DICOM, PNG or JPEG",
+           "folder.png": "not a regular file", "gone.png": "missing"}
+    for i, name in enumerate(bad):
+        records.append(Record(f"b{i}", f"PATIENT-{i}", f"sb{i}", str(images / name), "train", findings="Secret."))
+    return write_manifest(tmp_path / "m.csv", records), bad
+
+
+def test_all_names_every_bad_file_with_its_reason(tmp_path, capsys):
+    path, bad = _five_bad(tmp_path)
+    assert validate_main([str(path), "--all", "--json", str(tmp_path / "v.json")]) == 1
+    printed = capsys.readouterr().out
+    for name, reason in bad.items():
+        line = next((l for l in printed.splitlines() if l.strip().startswith(str(tmp_path / "images" / name))), "")
+        assert reason in line, (name, printed)
+    assert "Secret" not in printed and "PATIENT-" not in printed  # paths yes; report text and patient ids never
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert {(e["path"].rsplit("/", 1)[-1]) for e in report["bad_files"]} == set(bad)
+    assert all(reason in next(e["reason"] for e in report["bad_files"] if e["path"].endswith(name))
+               for name, reason in bad.items())
+    assert report["decode_sampled"] is False and not report["ok"]
+
+
+def test_default_sample_says_so_and_still_finds_cheap_failures(tmp_path, capsys):
+    path, bad = _five_bad(tmp_path)
+    report = validate_manifest(path, sample=4)
+    found = {e["path"].rsplit("/", 1)[-1] for e in report.bad_files}
+    assert {"zero.png", "folder.png", "gone.png"} <= found  # checked for every file, without decoding
+    assert report.decode_sampled and report.decode_checked == 4
+    assert validate_main([str(path), "--sample", "4"]) == 1
+    printed = capsys.readouterr().out
+    assert "sample of 4" in printed and "--all" in printed
+
+
+def test_sample_covers_every_split_and_file_type(tmp_path):
+    images = tmp_path / "images"
+    records = [Record(f"r{i}", f"p{i}", f"s{i}", str(write_image(images / f"{i}.png", value=i)), "train")
+               for i in range(60)]
+    records += [Record(f"t{i}", f"q{i}", f"u{i}", str(write_image(images / f"t{i}.jpg", value=i)), "test")
+                for i in range(2)]
+    records.append(Record("v0", "w0", "x0", str(write_dicom(images / "v0.dcm")), "validate"))
+    report = validate_manifest(write_manifest(tmp_path / "m.csv", records), sample=4)
+    assert report.decode_checked == 4
+    assert all(report.decode_checked_per_split[s] >= 1 for s in ("train", "validate", "test"))
+
+
+def test_header_only_manifest_is_not_ok(tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("record_id,patient_id,study_id,image_path,split\n")
+    report = validate_manifest(tmp_path / "empty.csv")
+    assert not report.ok and report.records == 0 and "no records" in " ".join(report.failures)
+    assert validate_main([str(tmp_path / "empty.csv")]) == 1
+    assert "FAILED" in capsys.readouterr().out

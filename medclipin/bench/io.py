@@ -17,7 +17,6 @@ import os
 import random
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ def _decode_task(path: str) -> int:
 
 def _cache_read_task(cache_dir: str, size: int, keys: list[str]) -> int:
     from medclipin.config import ImageConfig
-    from medclipin.data.cache import open_image_source
+    from medclipin.data.image_source import open_image_source
     from medclipin.data.transforms import build_image_transform
 
     state_key = (cache_dir, size)
@@ -64,10 +63,9 @@ class _Runner:
         self.workers = max(1, int(workers))
         self.pool = None
         if self.workers > 1:
-            import multiprocessing
+            from medclipin.data.preprocess import process_pool
 
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(method))
+            self.pool = process_pool(self.workers)  # workers end with this process, even on SIGKILL
             list(self.pool.map(_noop, range(self.workers * 2)))  # start the processes before timing
 
     def rate(self, fn, tasks: list[tuple]) -> float:
@@ -120,7 +118,7 @@ def run_io_benchmark(out_json: str | None, workers: int, size: int = 224, repeat
     """
     from pydicom.data import get_testdata_file
 
-    from medclipin.data.cache import build_cache
+    from medclipin.data.preprocess import build_cache
     from medclipin.data.readers import read_image
 
     workers = max(1, int(workers))

@@ -11,17 +11,52 @@ positives, and every skipped record by reason. Report text is never printed unle
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from medclipin.atomic import atomic_open, check_output_file
 from medclipin.data.manifest import write_manifest
 from medclipin.data.prepare import DATASETS, adapter
 
 
+def add_options(parser: argparse.ArgumentParser, options_class: type, fixed: dict) -> None:
+    """One flag per field of an adapter's options dataclass (``five_by_two_hundred`` ->
+    ``--five-by-two-hundred``), from its default and ``option(...)`` metadata; ``fixed`` fields are
+    set by the dataset name and get no flag."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for item in dataclasses.fields(options_class):
+        if item.name in fixed:
+            continue
+        meta = dict(item.metadata)
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        kwargs: dict = {"dest": item.name, "help": meta.get("help", "")}
+        if isinstance(default, bool):
+            kwargs.update(action="store_true", default=default)
+        else:
+            value_type = meta.get("type") or (type(default) if isinstance(default, (int, float, str)) else str)
+            kwargs.update(type=value_type, default=list(default) if isinstance(default, (list, tuple)) else default)
+            for key in ("nargs", "choices", "metavar"):
+                if key in meta:
+                    kwargs[key] = meta[key]
+        target = parser
+        if "group" in meta:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group(required=meta.get("group_required", False))
+            target = groups[meta["group"]]
+        target.add_argument("--" + item.name.replace("_", "-"), **kwargs)
+
+
+def options_from_args(options_class: type, fixed: dict, args: argparse.Namespace):
+    """The adapter's options from parsed flags (plus the fields the dataset name fixes)."""
+    values = {item.name: getattr(args, item.name) for item in dataclasses.fields(options_class) if item.name not in fixed}
+    return options_class(**values, **fixed)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    for name, (_, help_text) in DATASETS.items():
+    for name, (_, help_text, fixed) in DATASETS.items():
         module = adapter(name)
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="store absolute image paths (default: relative to the manifest's folder)")
         p.add_argument("--show-text", action="store_true",
                        help="print the first record's text sections (off by default: report text is private)")
-        module.add_arguments(p)
+        add_options(p, module.Options, fixed)
 
 
 def print_summary(dataset: str, out: Path, summary: dict, stream=None) -> None:
@@ -53,15 +88,19 @@ def print_summary(dataset: str, out: Path, summary: dict, stream=None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for output in (args.out, args.summary):
+        if output:
+            check_output_file(output)  # before reading the raw dataset
     module = adapter(args.dataset)
-    result = module.prepare(args)
+    fixed = DATASETS[args.dataset][2]
+    result = module.prepare(args.root, options_from_args(module.Options, fixed, args))
     out = Path(args.out)
     write_manifest(out, result.records, result.label_names, relative_paths=not args.absolute_paths)
     summary = {"dataset": args.dataset, **result.summary()}
     print_summary(args.dataset, out, summary)
     if args.summary:
-        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.summary).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        with atomic_open(args.summary, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(summary, indent=2) + "\n")
     if args.show_text and result.records:
         first = result.records[0]
         print(f"  first record text (--show-text): findings={first.findings!r} impression={first.impression!r} "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from medclipin.data.reader_base import DEFAULT_MAX_PIXELS
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--manifest", required=True, help="manifest CSV/JSONL (its image_path column is cached)")
@@ -22,17 +24,23 @@ def add_arguments(parser) -> None:
                         help="stored channels (default: 1 for cxr, 3 for fundus)")
     parser.add_argument("--window", choices=("first", "percentile", "none"), default="first",
                         help="DICOM VOI: first window/VOI LUT in the file, 0.5-99.5 percentiles, or min-max")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help="reject images with more pixels than this before decoding them "
+                             f"(decompression bombs; default {DEFAULT_MAX_PIXELS:,}; 0 = no limit)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args) -> int:
-    from medclipin.data.cache import build_cache
+    from medclipin.atomic import check_output_dir
     from medclipin.data.manifest import read_manifest
+    from medclipin.data.preprocess import build_cache
 
+    check_output_dir(args.out)  # before reading the manifest: fail in a second, not after the work
     manifest = read_manifest(args.manifest)
     paths = [record.image_path for record in manifest.records]
     summary = build_cache(paths, args.out, size=args.size, domain=args.domain, channels=args.channels,
-                          window=args.window, workers=args.workers, progress=not args.quiet)
+                          window=args.window, workers=args.workers, progress=not args.quiet,
+                          max_pixels=args.max_pixels)
     print(f"{args.out}: {summary.line()} in {summary.seconds:.1f} s")
     if summary.rejected:
         # counts only on the console: file paths can contain patient identifiers

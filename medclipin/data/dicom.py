@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 
 import numpy as np
 import pydicom
@@ -25,15 +26,14 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.pixels.processing import apply_voi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 
-from medclipin.data.readers import DecodedImage, ImageMeta, ImageReadError, percentile_range, scale_to_unit
+from medclipin.data.reader_base import (
+    DEFAULT_MAX_PIXELS, DecodedImage, ImageMeta, ImageReadError, check_image_file, percentile_range,
+    pixel_limit_reason, scale_to_unit,
+)
 
-try:  # GDCM is optional: pydicom uses it automatically as one more decoding plugin when present.
-    import gdcm  # noqa: F401
-
-    HAVE_GDCM = True
-except Exception:  # ImportError, or its `import dl` failure on some builds
-    HAVE_GDCM = False
-
+# Elements larger than this are read from the file only when used: the pixel data is not loaded before
+# the size check (and never for a file that fails it).
+_DEFER_SIZE = "256 KB"
 
 def _short_reason(exc: BaseException, limit: int = 300) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
@@ -59,16 +59,27 @@ def _describe_syntax(uid) -> str:
     return f"{name} ({uid})" if name and name != str(uid) else str(uid)
 
 
-def looks_like_dicom(path: str | os.PathLike) -> bool:
-    """True when pydicom (with force) finds an image header (Rows and Columns) in the file.
+def is_headerless_dicom(head: bytes) -> bool:
+    """True when ``head`` (a file's first bytes) looks like a DICOM data set without the 128-byte
+    preamble and ``DICM`` tag: its first element is in group 0002 (file meta) or 0008 (identifying
+    information), little or big endian, with an explicit VR or a plausible implicit length.
 
-    Used for DICOM files without the 128-byte preamble and 'DICM' tag, which carry no magic bytes.
+    Decided from the bytes alone, never by parsing the file: a parser forced onto arbitrary data (a 20 MB
+    file of zeros, ``/dev/zero``) reads all of it, or forever.
     """
-    try:
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        return "Rows" in ds and "Columns" in ds
-    except Exception:
+    if len(head) < 8:
         return False
+    for order in ("<", ">"):
+        group, _element = struct.unpack(order + "HH", head[:4])
+        if group not in (0x0002, 0x0008):
+            continue
+        vr = head[4:6]
+        if vr.isalpha() and vr.isupper():  # explicit VR: two upper-case letters
+            return True
+        (length,) = struct.unpack(order + "I", head[4:8])
+        if length < (1 << 16) or length == 0xFFFFFFFF:  # implicit VR: a short value or undefined length
+            return True
+    return False
 
 
 def _first(value) -> float | None:
@@ -185,16 +196,44 @@ def _grayscale_pipeline(arr: np.ndarray, ds: pydicom.Dataset, window: str, bits:
     return pixels
 
 
-def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str = "first") -> DecodedImage:
+class _HeaderProblem(Exception):
+    """Why a DICOM header cannot give an image (becomes an ImageReadError naming file and syntax)."""
+
+
+def _image_header(ds: pydicom.Dataset, frame: int | None, max_pixels: int | None) -> tuple[int, int, int, str, int]:
+    """(frames, rows, columns, photometric interpretation, bits stored), after the checks that need
+    no pixel data: pixel data present, frame choice, and the pixel limit."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _HeaderProblem("no pixel data in the file")
+    if "Rows" not in ds or "Columns" not in ds:
+        raise _HeaderProblem("no Rows/Columns in the header")
+    frames = int(_first(ds.get("NumberOfFrames")) or 1)
+    if frames > 1 and frame is None:
+        raise _HeaderProblem(f"multi-frame image ({frames} frames); pass frame=0..{frames - 1}")
+    if frame is not None and not 0 <= frame < frames:
+        raise _HeaderProblem(f"frame {frame} requested but the file has {frames} frame(s)")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    # only the requested frame is decoded (pixel_array(index=...)), so one frame counts
+    if reason := pixel_limit_reason(cols, rows, max_pixels):
+        raise _HeaderProblem(reason)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    return frames, rows, cols, photometric, bits
+
+
+def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str = "first",
+               max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode a DICOM file (with or without file-meta header) to float32 [0, 1]. See :func:`read_image`.
 
     Raises:
-        ImageReadError: naming the file, the transfer syntax and the reason (no pixel data,
-            multi-frame without ``frame``, no decoder for the syntax, corrupt/truncated data).
+        ImageReadError: naming the file, the transfer syntax and the reason (not a regular file, no
+            pixel data, multi-frame without ``frame``, more than ``max_pixels`` pixels, no decoder for
+            the syntax, corrupt/truncated data).
     """
     path = os.fspath(path)
+    check_image_file(path)
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, defer_size=_DEFER_SIZE)
     except Exception as exc:
         raise ImageReadError(f"{path}: not a readable DICOM file ({_short_reason(exc)})") from exc
     try:
@@ -205,18 +244,12 @@ def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str
     def fail(reason: str) -> ImageReadError:
         return ImageReadError(f"{path} (transfer syntax {syntax}): {reason}")
 
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise fail("no pixel data in the file")
-    if "Rows" not in ds or "Columns" not in ds:
-        raise fail("no Rows/Columns in the header")
-    frames = int(_first(ds.get("NumberOfFrames")) or 1)
-    if frames > 1 and frame is None:
-        raise fail(f"multi-frame image ({frames} frames); pass frame=0..{frames - 1}")
-    if frame is not None and not 0 <= frame < frames:
-        raise fail(f"frame {frame} requested but the file has {frames} frame(s)")
-
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    try:
+        frames, rows, cols, photometric, bits = _image_header(ds, frame, max_pixels)
+    except _HeaderProblem as problem:
+        raise fail(str(problem)) from None
+    except Exception as exc:  # a malformed value (BitsStored "x", ...) is the file's fault, not a crash
+        raise fail(f"unreadable image header ({_short_reason(exc)})") from exc
     try:
         # raw=True: no automatic YBR→RGB conversion (done below with OpenCV where needed);
         # index: decode only the requested frame of a multi-frame file.
@@ -227,7 +260,6 @@ def read_dicom(path: str | os.PathLike, *, frame: int | None = None, window: str
             hint = ("12-bit JPEG Extended is not supported by the installed decoders; convert the file "
                     "(e.g. `gdcmconv --raw` or `dcmdjpeg`). ")
         raise fail(f"pixel data cannot be decoded: {hint}{_short_reason(exc)}") from exc
-    rows, cols = int(ds.Rows), int(ds.Columns)
     if arr.shape[:2] != (rows, cols):
         raise fail(f"decoded shape {arr.shape} does not match Rows×Columns {rows}×{cols}")
 

@@ -4,7 +4,8 @@ The format is documented in ``datasets/README.md``. A manifest is a CSV (or JSON
 with the columns ``record_id, patient_id, study_id, image_path, view, split, findings, impression,
 text``, one ``label:<Class Name>`` column per class (``1``, ``0``, ``-1`` for uncertain, empty for
 not stated) and ``boxes`` (JSON list of ``{"label": ..., "box": [x0, y0, x1, y1]}`` in pixels of the
-original image).
+original image). Any other column (e.g. the synthetic set's ``pair_noise``) is kept in
+``Record.extra`` and written back after ``boxes``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Record:
     text: str = ""
     labels: dict[str, float | None] = field(default_factory=dict)
     boxes: list[Box] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)  # other columns, by name (kept on a round trip)
 
     def positive_labels(self) -> list[str]:
         return [name for name, value in self.labels.items() if value == 1.0]
@@ -111,6 +113,10 @@ def _parse_boxes(value: str | list | None, where: str) -> list[Box]:
         ) from exc
 
 
+def _is_extra_column(name: str) -> bool:
+    return name not in BASE_COLUMNS and name != "boxes" and not name.startswith(LABEL_PREFIX)
+
+
 def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, where: str) -> Record:
     missing = [c for c in ("record_id", "image_path", "split") if not str(row.get(c) or "").strip()]
     if missing:
@@ -136,11 +142,13 @@ def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, wher
         text=str(row.get("text") or ""),
         labels=labels,
         boxes=_parse_boxes(row.get("boxes"), where),
+        extra={k: "" if v is None else str(v) for k, v in row.items() if k and _is_extra_column(k)},
     )
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
-    """Read a CSV or JSONL manifest. Relative image paths resolve against the manifest's folder.
+    """Read a CSV or JSONL manifest (UTF-8, with or without a byte-order mark). Relative image paths
+    resolve against the manifest's folder.
 
     Raises:
         ManifestError: a row lacks a required field or has an invalid split/label/boxes value;
@@ -152,7 +160,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     base_dir = path.resolve().parent
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
@@ -164,7 +172,7 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             columns.extend(k for k in row if k not in columns)
         first_row = 1
     else:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])
             rows = list(reader)
@@ -206,6 +214,7 @@ def _row_from_record(record: Record, label_names: Sequence[str], base_dir: Path 
         value = record.labels.get(name)
         row[LABEL_PREFIX + name] = "" if value is None else str(int(value))
     row["boxes"] = json.dumps([{"label": b.label, "box": list(b.box)} for b in record.boxes]) if record.boxes else ""
+    row.update(record.extra)
     return row
 
 
@@ -230,7 +239,13 @@ def write_manifest(
     path.parent.mkdir(parents=True, exist_ok=True)
     base_dir = path.resolve().parent if relative_paths else None
     rows = [_row_from_record(r, label_names, base_dir) for r in records]
-    columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"]
+    extra_columns: list[str] = []
+    for record in records:
+        extra_columns.extend(k for k in record.extra if k not in extra_columns and _is_extra_column(k))
+    for row in rows:  # every record has every column (CSV and JSONL alike)
+        for name in extra_columns:
+            row.setdefault(name, "")
+    columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"] + extra_columns
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         if path.suffix == ".jsonl":
             for row in rows:

@@ -18,13 +18,15 @@ manifest built from ``train.csv`` (``--exclude-five-by-two-hundred``).
 
 from __future__ import annotations
 
-import argparse
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
 from medclipin.data.prepare.common import (
-    PrepareError, PrepareResult, parse_label_value, rank_key, read_table, uncertain_value,
+    AdapterOptions, PrepareError, PrepareResult, make_options, option, parse_label_value, rank_key, read_table,
+    uncertain_value,
 )
 
 LABELS = [
@@ -36,17 +38,18 @@ COMPETITION_FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pl
 SPLIT_FILES = (("train.csv", "train"), ("valid.csv", "validate"), ("test.csv", "test"))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--uncertain", choices=("keep", "ones", "zeros", "ignore"), default="keep",
-                        help="uncertain (-1) labels: keep -1 (default), ones (U-Ones), zeros (U-Zeros), "
-                             "ignore (not stated)")
-    parser.add_argument("--frontal-only", action="store_true", help="keep frontal images only")
-    parser.add_argument("--five-by-two-hundred", action="store_true",
-                        help="write the CheXpert 5x200 zero-shot set instead of the full manifest")
-    parser.add_argument("--per-class", type=int, default=200, help="images per class for --five-by-two-hundred")
-    parser.add_argument("--exclude-five-by-two-hundred", action="store_true",
-                        help="leave the 5x200 images (same --seed/--per-class) out of the full manifest")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the 5x200 selection (default 0)")
+@dataclass
+class Options(AdapterOptions):
+    """Options of the CheXpert adapter."""
+
+    uncertain: str = option("keep", "uncertain (-1) labels: keep -1 (default), ones (U-Ones), zeros (U-Zeros), "
+                                    "ignore (not stated)", choices=("keep", "ones", "zeros", "ignore"))
+    frontal_only: bool = option(False, "keep frontal images only")
+    five_by_two_hundred: bool = option(False, "write the CheXpert 5x200 zero-shot set instead of the full manifest")
+    per_class: int = option(200, "images per class for --five-by-two-hundred")
+    exclude_five_by_two_hundred: bool = option(False, "leave the 5x200 images (same --seed/--per-class) out of the "
+                                                      "full manifest")
+    seed: int = option(0, "seed of the 5x200 selection (default 0)")
 
 
 def _resolve(root: Path, rel: str) -> Path:
@@ -95,8 +98,11 @@ def select_five_by_two_hundred(rows: list[dict], per_class: int = 200, seed: int
     return chosen
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """CheXpert CSVs under ``root`` -> records (see the module docstring); options as :class:`Options`
+    or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
     if not (root / "train.csv").is_file():
         raise PrepareError(f"{root}: train.csv not found (point --root at the CheXpert-v1.0(-small) folder)")
     skipped: Counter = Counter()
@@ -104,8 +110,8 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
     records: list[Record] = []
     train_rows = read_table(root / "train.csv")
 
-    if args.five_by_two_hundred:
-        for name, rows in select_five_by_two_hundred(train_rows, args.per_class, args.seed).items():
+    if opts.five_by_two_hundred:
+        for name, rows in select_five_by_two_hundred(train_rows, opts.per_class, opts.seed).items():
             for row in rows:
                 image = _resolve(root, row["Path"])
                 if not image.is_file():
@@ -117,12 +123,12 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
                     split="test", view=_view(row), text="",
                     labels={n: 1.0 if n == name else 0.0 for n in COMPETITION_FIVE},
                 ))
-        notes[f"5x200 selection: {args.per_class} per class, seed {args.seed}"] = len(records)
+        notes[f"5x200 selection: {opts.per_class} per class, seed {opts.seed}"] = len(records)
         return PrepareResult(records, list(COMPETITION_FIVE), skipped, notes)
 
     excluded: set[str] = set()
-    if args.exclude_five_by_two_hundred:
-        chosen = select_five_by_two_hundred(train_rows, args.per_class, args.seed)
+    if opts.exclude_five_by_two_hundred:
+        chosen = select_five_by_two_hundred(train_rows, opts.per_class, opts.seed)
         excluded = {_ids(r["Path"])[0] for rows in chosen.values() for r in rows}
     for filename, split in SPLIT_FILES:
         path = root / filename
@@ -140,14 +146,14 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             if patient in excluded:
                 skipped["patient in the 5x200 set (--exclude-five-by-two-hundred)"] += 1
                 continue
-            if args.frontal_only and not _is_frontal(row):
+            if opts.frontal_only and not _is_frontal(row):
                 skipped["excluded view (lateral)"] += 1
                 continue
             image = _resolve(root, rel)
             if not image.is_file():
                 skipped["missing image"] += 1
                 continue
-            labels = {name: uncertain_value(parse_label_value(row.get(name, "")), args.uncertain)
+            labels = {name: uncertain_value(parse_label_value(row.get(name, "")), opts.uncertain)
                       for name in LABELS if name in row}
             records.append(Record(record_id=rel, patient_id=patient, study_id=study, image_path=str(image),
                                   split=split, view=_view(row), labels=labels))

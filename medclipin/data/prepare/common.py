@@ -1,10 +1,10 @@
-"""Shared pieces of the dataset adapters: the result type, deterministic patient splits, table
-reading (CSV, CSV.gz, TSV, JSONL, XLSX when openpyxl is installed) and image-file lookup."""
+"""Shared pieces of the dataset adapters: typed options, the result type, deterministic patient
+splits, table reading (CSV, CSV.gz, TSV, JSONL, XLSX when openpyxl is installed) and image-file lookup."""
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -167,12 +167,58 @@ def parse_fractions(values: Sequence[float] | None) -> tuple[float, float, float
     return fractions  # type: ignore[return-value]
 
 
-def add_split_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VALIDATE", "TEST"),
-                        default=list(DEFAULT_FRACTIONS),
-                        help="fractions for the deterministic patient-hash split (default 0.8 0.1 0.1)")
-    parser.add_argument("--split-salt", default="medclipin",
-                        help="salt of the patient-id hash; change it for a different (still deterministic) split")
+def option(default, help: str, **cli) -> dataclasses.Field:
+    """A field of an adapter's options: its default and help text.
+
+    ``cli`` holds how ``medclipin prepare`` shows it (``choices``, ``nargs``, ``metavar``, ``type``,
+    ``group``: name of a mutually exclusive group, ``group_required``); the flag is the field name
+    with dashes (``five_by_two_hundred`` -> ``--five-by-two-hundred``). ``choices`` are also checked
+    when the options are made.
+    """
+    metadata = {"help": help, **cli}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class AdapterOptions:
+    """Base of every adapter's options: checks ``choices`` when the options are made.
+
+    Raises:
+        PrepareError: a value is not one of its field's choices.
+    """
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            choices = item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if choices is not None and value not in choices:
+                raise PrepareError(f"option {item.name} is {value!r}; expected one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class SplitOptions(AdapterOptions):
+    """Options of adapters whose split is a deterministic hash of the patient id."""
+
+    split_fractions: tuple[float, float, float] = option(
+        DEFAULT_FRACTIONS, "fractions for the deterministic patient-hash split (default 0.8 0.1 0.1)",
+        nargs=3, type=float, metavar=("TRAIN", "VALIDATE", "TEST"))
+    split_salt: str = option("medclipin", "salt of the patient-id hash; change it for a different (still "
+                                          "deterministic) split")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.split_fractions = parse_fractions(self.split_fractions)
+
+
+def make_options(options_class: type, options, overrides: dict):
+    """``options`` (or the defaults) with ``overrides`` applied: what each adapter's ``prepare`` accepts."""
+    if options is None:
+        return options_class(**overrides)
+    if not isinstance(options, options_class):
+        raise TypeError(f"options must be {options_class.__name__}, got {type(options).__name__}")
+    return dataclasses.replace(options, **overrides) if overrides else options
 
 
 def uncertain_value(value: float | None, policy: str) -> float | None:

@@ -14,13 +14,16 @@ IMPRESSION is skipped (counted) unless ``--keep-empty-text``.
 
 from __future__ import annotations
 
-import argparse
+import os
 import xml.etree.ElementTree as ET
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
-from medclipin.data.prepare.common import PrepareError, PrepareResult, add_split_arguments, hash_split, index_files
+from medclipin.data.prepare.common import (
+    PrepareError, PrepareResult, SplitOptions, hash_split, index_files, make_options, option,
+)
 from medclipin.data.reports import normalize_whitespace
 
 # MeSH major heading (before the first "/", lower case) -> label
@@ -59,10 +62,11 @@ MESH_TO_LABEL = {
 LABELS = sorted(set(MESH_TO_LABEL.values()))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_split_arguments(parser)
-    parser.add_argument("--keep-empty-text", action="store_true",
-                        help="keep images whose report has neither FINDINGS nor IMPRESSION")
+@dataclass
+class Options(SplitOptions):
+    """Options of the IU X-ray / Open-i adapter."""
+
+    keep_empty_text: bool = option(False, "keep images whose report has neither FINDINGS nor IMPRESSION")
 
 
 def parse_report(path: Path) -> dict:
@@ -82,8 +86,10 @@ def mesh_labels(terms: list[str]) -> dict[str, float]:
     return {name: 1.0 if name in found else 0.0 for name in LABELS}
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """Open-i XMLs and PNGs under ``root`` -> records; options as :class:`Options` or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
     xmls = sorted(p for p in root.rglob("*.xml") if p.is_file())
     if not xmls:
         raise PrepareError(f"{root}: no report XMLs found (extract NLMCXR_reports.tgz under --root)")
@@ -91,7 +97,7 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
     skipped: Counter = Counter()
     notes: Counter = Counter()
     records: list[Record] = []
-    fractions = tuple(args.split_fractions)
+    fractions = opts.split_fractions
     for xml_path in xmls:
         try:
             report = parse_report(xml_path)
@@ -103,12 +109,12 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             continue
         findings = report["sections"].get("FINDINGS", "")
         impression = report["sections"].get("IMPRESSION", "")
-        if not (findings or impression) and not args.keep_empty_text:
+        if not (findings or impression) and not opts.keep_empty_text:
             skipped["no text (no FINDINGS/IMPRESSION)"] += len(report["images"])
             continue
         labels = mesh_labels(report["mesh"])
         unmapped = not any(MESH_TO_LABEL.get(t.split("/")[0].strip().lower()) for t in report["mesh"])
-        split = hash_split(report["id"], fractions, args.split_salt)
+        split = hash_split(report["id"], fractions, opts.split_salt)
         for image_id in report["images"]:
             paths = images.get(image_id)
             if not paths:

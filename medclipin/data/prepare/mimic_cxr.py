@@ -19,15 +19,17 @@ Every such record is counted in the summary.
 
 from __future__ import annotations
 
-import argparse
 import functools
+import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
 from medclipin.data.prepare.common import (
-    PrepareError, PrepareResult, find_first, parse_label_value, read_table, uncertain_value,
+    AdapterOptions, PrepareError, PrepareResult, find_first, make_options, option, parse_label_value, read_table,
+    uncertain_value,
 )
 from medclipin.data.reports import extract_sections, normalize_whitespace
 
@@ -39,19 +41,23 @@ CHEXPERT_LABELS = [
 FRONTAL_VIEWS = ("PA", "AP")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--frontal-only", action="store_true", help="keep PA and AP views only")
-    parser.add_argument("--no-sections", choices=("last-paragraph", "whole", "drop"), default="last-paragraph",
-                        help="rule for reports with neither FINDINGS nor IMPRESSION (default: last-paragraph)")
-    parser.add_argument("--uncertain", choices=("keep", "ones", "zeros", "ignore"), default="keep",
-                        help="CheXpert-labeler uncertain (-1) labels: keep -1 (default), ones, zeros, ignore")
-    parser.add_argument("--reports-root", default=None,
-                        help="folder holding files/pXX/pXXXXXXXX/sXXXXXXXX.txt (default: --root); "
-                             "MIMIC-CXR-JPG users point this at their MIMIC-CXR reports")
-    parser.add_argument("--split-csv", default=None, help="default: mimic-cxr-2.0.0-split.csv.gz under --root")
-    parser.add_argument("--metadata-csv", default=None, help="default: mimic-cxr-2.0.0-metadata.csv.gz under --root")
-    parser.add_argument("--labels-csv", default=None, help="default: mimic-cxr-2.0.0-chexpert.csv.gz under --root")
-    parser.add_argument("--no-labels", action="store_true", help="do not read CheXpert labels")
+@dataclass
+class Options(AdapterOptions):
+    """Options of the MIMIC-CXR adapter (``jpg``: the MIMIC-CXR-JPG layout; ``medclipin prepare
+    mimic-cxr-jpg`` sets it)."""
+
+    jpg: bool = option(False, "MIMIC-CXR-JPG: images are .jpg instead of .dcm")
+    frontal_only: bool = option(False, "keep PA and AP views only")
+    no_sections: str = option("last-paragraph", "rule for reports with neither FINDINGS nor IMPRESSION "
+                                                "(default: last-paragraph)", choices=("last-paragraph", "whole", "drop"))
+    uncertain: str = option("keep", "CheXpert-labeler uncertain (-1) labels: keep -1 (default), ones, zeros, ignore",
+                            choices=("keep", "ones", "zeros", "ignore"))
+    reports_root: str | None = option(None, "folder holding files/pXX/pXXXXXXXX/sXXXXXXXX.txt (default: --root); "
+                                            "MIMIC-CXR-JPG users point this at their MIMIC-CXR reports")
+    split_csv: str | None = option(None, "default: mimic-cxr-2.0.0-split.csv.gz under --root")
+    metadata_csv: str | None = option(None, "default: mimic-cxr-2.0.0-metadata.csv.gz under --root")
+    labels_csv: str | None = option(None, "default: mimic-cxr-2.0.0-chexpert.csv.gz under --root")
+    no_labels: bool = option(False, "do not read CheXpert labels")
 
 
 def _table(root: Path, explicit: str | None, stem: str, required: bool) -> list[dict] | None:
@@ -76,14 +82,16 @@ def _fallback_text(report: str, rule: str) -> str:
     return normalize_whitespace(report) if rule == "whole" else _last_paragraph(report)
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
-    jpg = args.dataset == "mimic-cxr-jpg"
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """MIMIC-CXR(-JPG) files under ``root`` -> records; options as :class:`Options` or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
+    jpg = opts.jpg
     extension = ".jpg" if jpg else ".dcm"
-    reports_root = Path(args.reports_root) if args.reports_root else root
-    split_rows = _table(root, args.split_csv, "split", required=True)
-    metadata = _table(root, args.metadata_csv, "metadata", required=args.frontal_only)
-    label_rows = None if args.no_labels else _table(root, args.labels_csv, "chexpert", required=False)
+    reports_root = Path(opts.reports_root) if opts.reports_root else root
+    split_rows = _table(root, opts.split_csv, "split", required=True)
+    metadata = _table(root, opts.metadata_csv, "metadata", required=opts.frontal_only)
+    label_rows = None if opts.no_labels else _table(root, opts.labels_csv, "chexpert", required=False)
 
     views = {row["dicom_id"]: row.get("ViewPosition", "").strip().upper() for row in metadata or []}
     labels_by_study: dict[str, dict] = {}
@@ -93,7 +101,7 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             [c for c in label_rows[0] if c not in ("subject_id", "study_id")]
         for row in label_rows:
             labels_by_study[row["study_id"].strip()] = {
-                name: uncertain_value(parse_label_value(row.get(name, "")), args.uncertain) for name in label_names
+                name: uncertain_value(parse_label_value(row.get(name, "")), opts.uncertain) for name in label_names
             }
 
     skipped: Counter = Counter()
@@ -114,7 +122,7 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             skipped[f"unknown split value {split!r}"] += 1
             continue
         view = views.get(dicom_id, "")
-        if args.frontal_only and view not in FRONTAL_VIEWS:
+        if opts.frontal_only and view not in FRONTAL_VIEWS:
             skipped["excluded view (not PA/AP)" if view else "excluded view (unknown)"] += 1
             continue
         study_dir = Path("files") / f"p{subject[:2]}" / f"p{subject}"
@@ -129,11 +137,11 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
         report, sections = loaded
         text = ""
         if not sections.has_findings_or_impression:
-            if args.no_sections == "drop":
+            if opts.no_sections == "drop":
                 skipped["no FINDINGS/IMPRESSION (--no-sections drop)"] += 1
                 continue
-            text = _fallback_text(report, args.no_sections)
-            notes[f"text: {args.no_sections} (no FINDINGS/IMPRESSION)"] += 1
+            text = _fallback_text(report, opts.no_sections)
+            notes[f"text: {opts.no_sections} (no FINDINGS/IMPRESSION)"] += 1
             if not text:
                 skipped["no text"] += 1
                 continue

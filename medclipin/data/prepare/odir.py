@@ -17,14 +17,15 @@ patient ``ID`` (both eyes of a patient stay together).
 
 from __future__ import annotations
 
-import argparse
+import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
 from medclipin.data.prepare.common import (
-    PrepareError, PrepareResult, add_split_arguments, hash_split, index_files, read_table,
+    PrepareError, PrepareResult, SplitOptions, hash_split, index_files, make_options, option, read_table,
 )
 
 LABELS = ["Normal", "Diabetic Retinopathy", "Glaucoma", "Cataract", "Age-related Macular Degeneration",
@@ -45,12 +46,13 @@ _RULES = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_split_arguments(parser)
-    parser.add_argument("--annotations", default=None,
-                        help="annotation table (.xlsx or CSV export); default: the ODIR-5K_Training_Annotations* "
-                             "file under --root")
-    parser.add_argument("--images-dir", default=None, help="default: search under --root")
+@dataclass
+class Options(SplitOptions):
+    """Options of the ODIR-5K adapter."""
+
+    annotations: str | None = option(None, "annotation table (.xlsx or CSV export); default: the "
+                                           "ODIR-5K_Training_Annotations* file under --root")
+    images_dir: str | None = option(None, "default: search under --root")
 
 
 def split_keywords(text: str) -> list[str]:
@@ -84,18 +86,21 @@ def _find_annotations(root: Path) -> Path:
     return sorted(usable, key=lambda p: (p.suffix.lower() != ".csv", p.name))[0]
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
-    table = Path(args.annotations) if args.annotations else _find_annotations(root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """ODIR annotations and photos under ``root`` -> per-eye records; options as :class:`Options` or keyword
+    arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
+    table = Path(opts.annotations) if opts.annotations else _find_annotations(root)
     rows = read_table(table)
-    images = index_files(Path(args.images_dir) if args.images_dir else root, (".jpg", ".jpeg", ".png"))
+    images = index_files(Path(opts.images_dir) if opts.images_dir else root, (".jpg", ".jpeg", ".png"))
     skipped: Counter = Counter()
     notes: Counter = Counter()
     records = []
-    fractions = tuple(args.split_fractions)
+    fractions = opts.split_fractions
     for row in rows:
         patient = row["ID"].strip()
-        split = hash_split(patient, fractions, args.split_salt)
+        split = hash_split(patient, fractions, opts.split_salt)
         for side in ("Left", "Right"):
             filename = row.get(f"{side}-Fundus", "").strip() or f"{patient}_{side.lower()}.jpg"
             keywords = split_keywords(row.get(f"{side}-Diagnostic Keywords", ""))

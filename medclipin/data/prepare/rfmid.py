@@ -17,21 +17,23 @@ fall into different splits -- a limitation of the release, stated in the dataset
 
 from __future__ import annotations
 
-import argparse
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
 from medclipin.data.prepare.common import (
-    IMAGE_EXTENSIONS, PrepareError, PrepareResult, add_split_arguments, hash_split, index_files,
+    IMAGE_EXTENSIONS, PrepareError, PrepareResult, SplitOptions, hash_split, index_files, make_options,
     parse_label_value, read_table,
 )
 
 KEYWORDS = {"train": ("train",), "validate": ("valid", "eval"), "test": ("test",)}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_split_arguments(parser)
+@dataclass
+class Options(SplitOptions):
+    """Options of the RFMiD adapter (the split options are used for a flat labels.csv only)."""
 
 
 def _split_of(text: str) -> str | None:
@@ -42,8 +44,10 @@ def _split_of(text: str) -> str | None:
     return None
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """RFMiD labels CSVs and images under ``root`` -> records; options as :class:`Options` or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
     tables = sorted(p for p in root.rglob("*.csv") if p.is_file() and "id" in
                     [c.strip().lower() for c in (read_table(p)[:1] or [{}])[0]])
     if not tables:
@@ -78,7 +82,7 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             key = f"{split or 'all'}-{image_id}"
             records.append(Record(
                 record_id=key, patient_id=key, study_id=key, image_path=str(sorted(paths)[0]),
-                split=split or hash_split(image_id, tuple(args.split_fractions), args.split_salt), view="FUNDUS",
+                split=split or hash_split(image_id, opts.split_fractions, opts.split_salt), view="FUNDUS",
                 labels={c: parse_label_value(row.get(c, "")) for c in columns},
             ))
     return PrepareResult(records, label_names, skipped, notes)

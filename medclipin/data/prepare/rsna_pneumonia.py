@@ -14,21 +14,25 @@ challenge's stage-2 test labels were never released, so the split is a determini
 
 from __future__ import annotations
 
-import argparse
+import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Box, Record
-from medclipin.data.prepare.common import PrepareError, PrepareResult, add_split_arguments, find_first, hash_split, read_table
+from medclipin.data.prepare.common import (
+    PrepareError, PrepareResult, SplitOptions, find_first, hash_split, make_options, option, read_table,
+)
 
 LABEL = "Pneumonia"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_split_arguments(parser)
-    parser.add_argument("--images-dir", default=None, help="default: stage_2_train_images under --root")
-    parser.add_argument("--no-header-view", action="store_true",
-                        help="do not open DICOM headers for ViewPosition (faster; view left empty)")
+@dataclass
+class Options(SplitOptions):
+    """Options of the RSNA Pneumonia adapter."""
+
+    images_dir: str | None = option(None, "default: stage_2_train_images under --root")
+    no_header_view: bool = option(False, "do not open DICOM headers for ViewPosition (faster; view left empty)")
 
 
 def _view(path: Path) -> str:
@@ -41,12 +45,15 @@ def _view(path: Path) -> str:
         return ""
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """RSNA labels and DICOMs under ``root`` -> records with boxes; options as :class:`Options` or keyword
+    arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
     labels_csv = find_first(root, ["stage_2_train_labels.csv", "stage_1_train_labels.csv"])
     if labels_csv is None:
         raise PrepareError(f"{root}: stage_2_train_labels.csv not found")
-    images_dir = Path(args.images_dir) if args.images_dir else labels_csv.parent / labels_csv.name.replace(
+    images_dir = Path(opts.images_dir) if opts.images_dir else labels_csv.parent / labels_csv.name.replace(
         "_labels.csv", "_images")
     rows = read_table(labels_csv)
     by_patient: dict[str, dict] = {}
@@ -61,7 +68,7 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
     skipped: Counter = Counter()
     notes: Counter = Counter()
     records = []
-    fractions = tuple(args.split_fractions)
+    fractions = opts.split_fractions
     for pid, entry in by_patient.items():
         image = images_dir / f"{pid}.dcm"
         if not image.is_file():
@@ -71,8 +78,8 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
             notes["positive without box"] += 1
         records.append(Record(
             record_id=pid, patient_id=pid, study_id=pid, image_path=str(image),
-            split=hash_split(pid, fractions, args.split_salt),
-            view="" if args.no_header_view else _view(image),
+            split=hash_split(pid, fractions, opts.split_salt),
+            view="" if opts.no_header_view else _view(image),
             labels={LABEL: entry["target"]}, boxes=entry["boxes"],
         ))
     notes["boxes"] = sum(len(r.boxes) for r in records)

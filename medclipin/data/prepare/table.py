@@ -13,14 +13,16 @@ is the patient id); splits: ``--split-column`` or a deterministic hash of the pa
 
 from __future__ import annotations
 
-import argparse
+import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from medclipin.data.manifest import Record
 from medclipin.data.prepare.common import (
-    IMAGE_EXTENSIONS, PrepareError, PrepareResult, add_split_arguments, hash_split, parse_label_value, read_table,
+    IMAGE_EXTENSIONS, PrepareError, PrepareResult, SplitOptions, hash_split, make_options, option, parse_label_value,
+    read_table,
 )
 from medclipin.data.prepare.image_folder import patient_of
 from medclipin.data.reports import extract_sections, normalize_whitespace
@@ -32,33 +34,44 @@ _TRUE = {"true", "yes", "y", "positive", "pos"}
 _FALSE = {"false", "no", "n", "negative", "neg"}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--table", default=None,
-                        help="the CSV/JSONL file (relative to --root or absolute); default: the only "
-                             ".csv/.csv.gz/.jsonl file directly under --root")
-    parser.add_argument("--encoding", default=None, help="text encoding (default: UTF-8, else Windows-1252)")
-    image = parser.add_mutually_exclusive_group(required=True)
-    image.add_argument("--image-column", help="column holding the image path")
-    image.add_argument("--image-template", help='image path template, e.g. "images/{patientid}"')
-    parser.add_argument("--image-root", default=None, help="folder image paths are relative to (default: --root)")
-    parser.add_argument("--image-extensions", nargs="+", default=list(IMAGE_EXTENSIONS),
-                        help="extensions tried when the path has none on disk")
-    parser.add_argument("--id-column", default=None, help="record id column (default: the image path)")
-    parser.add_argument("--text-column", default=None, help="free text (caption, note) -> text")
-    parser.add_argument("--findings-column", default=None)
-    parser.add_argument("--impression-column", default=None)
-    parser.add_argument("--report-column", default=None, help="whole report text, split into sections")
-    parser.add_argument("--require-text", action="store_true", help="skip rows without any text (counted)")
-    labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--label-column", default=None, help="one categorical label column -> one-hot")
-    labels.add_argument("--label-columns", nargs="+", default=None, help="label columns with 1/0/-1/empty")
-    parser.add_argument("--patient-column", default=None, help="patient id column (default: the record id)")
-    parser.add_argument("--patient-pattern", default=None, help="regex on the patient value; group 1 = patient id")
-    parser.add_argument("--study-column", default=None)
-    parser.add_argument("--view-column", default=None)
-    parser.add_argument("--split-column", default=None,
-                        help="column with train/val(idate)/test; default: deterministic patient-hash split")
-    add_split_arguments(parser)
+@dataclass
+class Options(SplitOptions):
+    """Options of the table adapter (datasets ``csv`` and ``jsonl``): which column holds what.
+
+    Exactly one of ``image_column`` / ``image_template`` is required; at most one of ``label_column`` /
+    ``label_columns``.
+    """
+
+    table: str | None = option(None, "the CSV/JSONL file (relative to --root or absolute); default: the only "
+                                     ".csv/.csv.gz/.jsonl file directly under --root")
+    encoding: str | None = option(None, "text encoding (default: UTF-8, else Windows-1252)")
+    image_column: str | None = option(None, "column holding the image path", group="image", group_required=True)
+    image_template: str | None = option(None, 'image path template, e.g. "images/{patientid}"', group="image")
+    image_root: str | None = option(None, "folder image paths are relative to (default: --root)")
+    image_extensions: list[str] = option(list(IMAGE_EXTENSIONS), "extensions tried when the path has none on disk",
+                                         nargs="+")
+    id_column: str | None = option(None, "record id column (default: the image path)")
+    text_column: str | None = option(None, "free text (caption, note) -> text")
+    findings_column: str | None = option(None, "findings section column")
+    impression_column: str | None = option(None, "impression section column")
+    report_column: str | None = option(None, "whole report text, split into sections")
+    require_text: bool = option(False, "skip rows without any text (counted)")
+    label_column: str | None = option(None, "one categorical label column -> one-hot", group="labels")
+    label_columns: list[str] | None = option(None, "label columns with 1/0/-1/empty", nargs="+", group="labels")
+    patient_column: str | None = option(None, "patient id column (default: the record id)")
+    patient_pattern: str | None = option(None, "regex on the patient value; group 1 = patient id")
+    study_column: str | None = option(None, "study id column (default: the record id)")
+    view_column: str | None = option(None, "view column")
+    split_column: str | None = option(None, "column with train/val(idate)/test; default: deterministic "
+                                            "patient-hash split")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.image_column) == bool(self.image_template):
+            raise PrepareError("the table adapter needs exactly one of image_column (--image-column) and "
+                               "image_template (--image-template)")
+        if self.label_column and self.label_columns:
+            raise PrepareError("pass label_column (--label-column) or label_columns (--label-columns), not both")
 
 
 def _template(template: str, row: dict) -> str:
@@ -99,60 +112,62 @@ def _default_table(root: Path) -> Path:
     return tables[0]
 
 
-def prepare(args: argparse.Namespace) -> PrepareResult:
-    root = Path(args.root)
-    table = Path(args.table) if args.table else _default_table(root)
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """A table under ``root`` -> records; options as :class:`Options` or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
+    table = Path(opts.table) if opts.table else _default_table(root)
     if not table.is_absolute() and not table.is_file():
         table = root / table
-    rows = read_table(table, encoding=args.encoding)
+    rows = read_table(table, encoding=opts.encoding)
     if not rows:
         raise PrepareError(f"{table}: no rows")
     columns = set(rows[0])
-    named = [args.image_column, args.id_column, args.text_column, args.findings_column, args.impression_column,
-             args.report_column, args.label_column, args.patient_column, args.study_column, args.view_column,
-             args.split_column, *(args.label_columns or [])]
+    named = [opts.image_column, opts.id_column, opts.text_column, opts.findings_column, opts.impression_column,
+             opts.report_column, opts.label_column, opts.patient_column, opts.study_column, opts.view_column,
+             opts.split_column, *(opts.label_columns or [])]
     missing = [c for c in named if c and c not in columns]
     if missing:
         raise PrepareError(f"{table}: no column(s) {', '.join(map(repr, missing))}; columns are {sorted(columns)}")
-    base = Path(args.image_root) if args.image_root else root
-    if args.label_column:
-        label_names = sorted({r[args.label_column].strip() for r in rows if r[args.label_column].strip()})
+    base = Path(opts.image_root) if opts.image_root else root
+    if opts.label_column:
+        label_names = sorted({r[opts.label_column].strip() for r in rows if r[opts.label_column].strip()})
     else:
-        label_names = list(args.label_columns or [])
+        label_names = list(opts.label_columns or [])
     skipped: Counter = Counter()
     notes: Counter = Counter()
     records = []
     seen: set[str] = set()
     for row in rows:
-        rel = row[args.image_column].strip() if args.image_column else _template(args.image_template, row)
+        rel = row[opts.image_column].strip() if opts.image_column else _template(opts.image_template, row)
         if not rel:
             skipped["empty image field"] += 1
             continue
-        image = _find_image(base, rel, args.image_extensions)
+        image = _find_image(base, rel, opts.image_extensions)
         if image is None:
             skipped["missing image"] += 1
             continue
-        record_id = row[args.id_column].strip() if args.id_column else image.relative_to(base).as_posix() \
+        record_id = row[opts.id_column].strip() if opts.id_column else image.relative_to(base).as_posix() \
             if image.is_relative_to(base) else str(image)
         if record_id in seen:
             skipped["duplicate row (same record id)"] += 1
             continue
-        findings = normalize_whitespace(row.get(args.findings_column, "")) if args.findings_column else ""
-        impression = normalize_whitespace(row.get(args.impression_column, "")) if args.impression_column else ""
-        text = normalize_whitespace(row.get(args.text_column, "")) if args.text_column else ""
-        if args.report_column:
-            sections = extract_sections(row.get(args.report_column, ""))
+        findings = normalize_whitespace(row.get(opts.findings_column, "")) if opts.findings_column else ""
+        impression = normalize_whitespace(row.get(opts.impression_column, "")) if opts.impression_column else ""
+        text = normalize_whitespace(row.get(opts.text_column, "")) if opts.text_column else ""
+        if opts.report_column:
+            sections = extract_sections(row.get(opts.report_column, ""))
             findings, impression = findings or sections.findings, impression or sections.impression
             if not (findings or impression) and not text:
-                text = normalize_whitespace(row.get(args.report_column, ""))
+                text = normalize_whitespace(row.get(opts.report_column, ""))
         if not (findings or impression or text):
-            if args.require_text:
+            if opts.require_text:
                 skipped["no text"] += 1
                 continue
             notes["no text (kept)"] += 1
         try:
-            if args.label_column:
-                value = row[args.label_column].strip()
+            if opts.label_column:
+                value = row[opts.label_column].strip()
                 labels = {n: (1.0 if n == value else 0.0) if value else None for n in label_names}
                 if not value:
                     notes["label not stated"] += 1
@@ -161,20 +176,20 @@ def prepare(args: argparse.Namespace) -> PrepareResult:
         except ValueError:
             skipped["invalid label value"] += 1
             continue
-        patient_value = row[args.patient_column].strip() if args.patient_column else record_id
-        patient = patient_of(patient_value, args.patient_pattern)
-        if args.split_column:
-            split = SPLIT_VALUES.get(row[args.split_column].strip().lower())
+        patient_value = row[opts.patient_column].strip() if opts.patient_column else record_id
+        patient = patient_of(patient_value, opts.patient_pattern)
+        if opts.split_column:
+            split = SPLIT_VALUES.get(row[opts.split_column].strip().lower())
             if split is None:
                 skipped["unknown split value"] += 1
                 continue
         else:
-            split = hash_split(patient, tuple(args.split_fractions), args.split_salt)
+            split = hash_split(patient, opts.split_fractions, opts.split_salt)
         seen.add(record_id)
         records.append(Record(
             record_id=record_id, patient_id=patient,
-            study_id=row[args.study_column].strip() if args.study_column else record_id,
-            image_path=str(image), split=split, view=row[args.view_column].strip() if args.view_column else "",
+            study_id=row[opts.study_column].strip() if opts.study_column else record_id,
+            image_path=str(image), split=split, view=row[opts.view_column].strip() if opts.view_column else "",
             findings=findings, impression=impression, text=text, labels=labels,
         ))
     return PrepareResult(records, label_names, skipped, notes)

@@ -1,0 +1,238 @@
+"""The synthetic dataset on disk: every study's DICOM and PNG, the two manifests, ``labels.csv`` and
+``synthetic.json`` (written last: a folder without it is an interrupted generation)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from medclipin.atomic import atomic_open
+from medclipin.data.manifest import Record, write_manifest
+from medclipin.data.synthetic.cohort import assign_splits, n_studies
+from medclipin.data.synthetic.design import CLASS_NAMES, GENERATOR_VERSION, SPLIT_FRACTIONS
+from medclipin.data.synthetic.pair_noise import TrainReport, check_fraction, plan_pair_noise
+from medclipin.data.synthetic.study import synthesize_study
+from medclipin.data.synthetic.writers import DicomWriter, write_png
+from medclipin.errors import MedclipinError
+
+_METADATA_FILE = "synthetic.json"
+
+
+class SyntheticDatasetError(MedclipinError, FileExistsError):
+    """The output folder holds a synthetic dataset made with other parameters (and overwrite is False)."""
+
+
+def _parameters(n_patients: int, image_size: int, seed: int, loose_fraction: float = 0.0,
+                repetitive_fraction: float = 0.0) -> dict:
+    params = {"n_patients": int(n_patients), "image_size": int(image_size), "seed": int(seed)}
+    # the pair-noise knobs appear only when used, so a default dataset's synthetic.json is unchanged
+    if loose_fraction:
+        params["loose_fraction"] = float(loose_fraction)
+    if repetitive_fraction:
+        params["repetitive_fraction"] = float(repetitive_fraction)
+    return params
+
+
+def _is_complete(out_dir: Path, meta: dict) -> bool:
+    files = meta.get("files", {})
+    needed = [files.get(k) for k in ("manifest", "manifest_png", "labels")]
+    if not all(needed) or not all((out_dir / name).is_file() for name in needed):
+        return False
+    n = meta.get("counts", {}).get("studies", -1)
+    return (sum(1 for _ in (out_dir / "dicom").glob("SYN*.dcm")) == n
+            and sum(1 for _ in (out_dir / "png").glob("SYN*.png")) == n)
+
+
+def _existing_manifest(out_dir: Path, params: dict, overwrite: bool) -> Path | None:
+    """The manifest of a complete dataset with these parameters in ``out_dir``, else None.
+
+    Raises:
+        SyntheticDatasetError: ``out_dir`` holds one with other parameters and ``overwrite`` is False.
+    """
+    meta_path = out_dir / _METADATA_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = {}
+    same = old.get("version") == GENERATOR_VERSION and old.get("parameters") == params
+    if same and _is_complete(out_dir, old):
+        return out_dir / old["files"]["manifest"]
+    if not same and not overwrite:
+        raise SyntheticDatasetError(
+            f"{out_dir} already holds a synthetic dataset generated with parameters "
+            f"{old.get('parameters')} (version {old.get('version')}); requested {params} "
+            f"(version {GENERATOR_VERSION}). Pass overwrite=True (--overwrite) to replace it, "
+            "or choose another folder."
+        )
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
+
+
+def _clear_own_files(out_dir: Path) -> None:
+    """Remove files this generator writes (and nothing else) before a fresh generation."""
+    (out_dir / _METADATA_FILE).unlink(missing_ok=True)  # first: the folder is now "incomplete"
+    for sub, pattern in (("dicom", "SYN*.dcm"), ("png", "SYN*.png")):
+        for path in (out_dir / sub).glob(pattern):
+            path.unlink()
+    for name in ("manifest.csv", "manifest_png.csv", "labels.csv"):
+        (out_dir / name).unlink(missing_ok=True)
+
+
+def _write_studies(out_dir: Path, n_patients: int, image_size: int, seed: int, progress: bool,
+                   keep_train_reports: bool = False) -> tuple[list[Record], list[Record], list[list], list[TrainReport]]:
+    """Generate and write every study; returns the DICOM and PNG manifest records, the label rows and
+    (with ``keep_train_reports``) the train studies' reports for :func:`plan_pair_noise`."""
+    dicom_dir, png_dir = out_dir / "dicom", out_dir / "png"
+    dicom_dir.mkdir(parents=True, exist_ok=True)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    splits = assign_splits(seed, n_patients)
+    jobs = [(p, s) for p in range(n_patients) for s in range(n_studies(seed, p))]
+    iterator = jobs
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(jobs, desc="synthetic studies", unit="study")
+
+    dicom_writer = DicomWriter(seed)
+    dicom_records: list[Record] = []
+    png_records: list[Record] = []
+    label_rows: list[list] = []
+    train_reports: list[TrainReport] = []
+    for patient, index in iterator:
+        study = synthesize_study(seed, patient, index, image_size)
+        dcm_path = dicom_dir / f"{study.study_id}.dcm"
+        png_path = png_dir / f"{study.study_id}.png"
+        dicom_writer.write(study, dcm_path)
+        write_png(study, png_path)
+        common = dict(record_id=study.study_id, patient_id=study.patient_id, study_id=study.study_id,
+                      split=splits[patient], view=study.view, findings=study.findings,
+                      impression=study.impression, labels={c: float(v) for c, v in study.labels.items()},
+                      boxes=list(study.boxes))
+        dicom_records.append(Record(image_path=str(dcm_path.resolve()), **common))
+        png_records.append(Record(image_path=str(png_path.resolve()), **common))
+        label_rows.append([study.study_id] + [study.labels[c] for c in CLASS_NAMES])
+        if keep_train_reports and splits[patient] == "train":
+            train_reports.append(TrainReport(
+                study.study_id, study.patient_id, patient, index, study.findings, study.impression, study.report,
+                [c for c in CLASS_NAMES if study.labels[c]]))
+    return dicom_records, png_records, label_rows, train_reports
+
+
+def _apply_pair_noise(records: list[list[Record]], seed: int, train_reports: list[TrainReport],
+                      loose_fraction: float, repetitive_fraction: float) -> dict[str, int]:
+    """Replace the chosen train reports in both manifests' records and record how (extra columns).
+    Returns the counts for synthetic.json."""
+    changed = plan_pair_noise(seed, train_reports, loose_fraction, repetitive_fraction)
+    for manifest_records in records:
+        for record in manifest_records:
+            noisy = changed.get(record.study_id)
+            if noisy is not None:
+                record.findings, record.impression = noisy.findings, noisy.impression
+            if loose_fraction:
+                record.extra["pair_noise"] = noisy.pair_noise if noisy else ""
+            if repetitive_fraction:
+                record.extra["report_template"] = noisy.template if noisy else ""
+    counts = {}
+    if loose_fraction:
+        counts["pair_noise"] = {kind: sum(1 for n in changed.values() if n.pair_noise == kind)
+                                for kind in ("swapped", "omitted")}
+    if repetitive_fraction:
+        counts["report_templates"] = sum(1 for n in changed.values() if n.template)
+    return counts
+
+
+def _metadata(params: dict, n_patients: int, records: list[Record], label_rows: list[list], noise_counts: dict) -> dict:
+    split_counts = {name: sum(1 for r in records if r.split == name) for name, _ in SPLIT_FRACTIONS}
+    return {
+        "name": "synthetic-cxr",
+        "generator": "medclipin.data.synthetic",
+        "version": GENERATOR_VERSION,
+        "parameters": params,
+        "class_names": list(CLASS_NAMES),
+        "counts": {
+            "patients": n_patients,
+            "studies": len(records),
+            "studies_per_split": split_counts,
+            "positives": {c: int(sum(row[1 + i] for row in label_rows)) for i, c in enumerate(CLASS_NAMES)},
+            "normal": int(sum(1 for row in label_rows if not any(row[1:]))),
+            **noise_counts,
+        },
+        "files": {"manifest": "manifest.csv", "manifest_png": "manifest_png.csv", "labels": "labels.csv",
+                  "dicom_dir": "dicom", "png_dir": "png"},
+    }
+
+
+def generate_synthetic_dataset(
+    out_dir,
+    n_patients: int = 1600,
+    image_size: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = False,
+    loose_fraction: float = 0.0,
+    repetitive_fraction: float = 0.0,
+) -> Path:
+    """Write the synthetic chest X-ray dataset and return the path of its ``manifest.csv``.
+
+    Layout under ``out_dir``: ``dicom/<study>.dcm`` (12-bit CR), ``png/<study>.png`` (8-bit rendered),
+    ``manifest.csv`` (image_path → DICOM), ``manifest_png.csv`` (same rows, image_path → PNG),
+    ``labels.csv`` (study_id + one 0/1 column per class) and ``synthetic.json`` (parameters, version,
+    counts). ``synthetic.json`` is written last, so a folder without it is an interrupted generation.
+
+    Args:
+        out_dir: output folder (created if needed).
+        n_patients: number of patients; each has 1 or 2 studies (1600 → about 2,300 studies).
+        image_size: square image side in pixels.
+        seed: the seed; same seed and parameters → identical pixels, reports and manifests.
+        overwrite: replace a dataset generated with different parameters (or generator version).
+        progress: show a tqdm progress bar.
+        loose_fraction: fraction of the train records whose report does not describe their image (half
+            the report of another train study, half their own with findings left out); the manifests
+            get a ``pair_noise`` column (``""``, ``"swapped"``, ``"omitted"``). Labels, boxes, images and
+            the validate/test splits are unchanged. See :mod:`medclipin.data.synthetic.pair_noise`.
+        repetitive_fraction: fraction of the train-split normal studies whose report is one of three
+            fixed templates; the manifests get a ``report_template`` column (``""`` or ``"1"``-``"3"``).
+
+    Both default to 0, which gives exactly the dataset of earlier versions (same bytes).
+
+    Raises:
+        SyntheticDatasetError: ``out_dir`` holds a complete dataset with other parameters and
+            ``overwrite`` is False.
+        ValueError: ``n_patients`` < 1, ``image_size`` < 64, or a fraction outside [0, 1].
+    """
+    if n_patients < 1:
+        raise ValueError(f"n_patients must be at least 1, got {n_patients}")
+    if image_size < 64:
+        raise ValueError(f"image_size must be at least 64 pixels, got {image_size}")
+    loose_fraction = check_fraction("loose_fraction", loose_fraction)
+    repetitive_fraction = check_fraction("repetitive_fraction", repetitive_fraction)
+    out_dir = Path(out_dir)
+    params = _parameters(n_patients, image_size, seed, loose_fraction, repetitive_fraction)
+    existing = _existing_manifest(out_dir, params, overwrite)
+    if existing is not None:
+        return existing
+    _clear_own_files(out_dir)  # also tidies an interrupted run's leftovers
+    noisy = bool(loose_fraction or repetitive_fraction)
+    dicom_records, png_records, label_rows, train_reports = _write_studies(
+        out_dir, n_patients, image_size, seed, progress, keep_train_reports=noisy)
+    noise_counts = _apply_pair_noise([dicom_records, png_records], seed, train_reports, loose_fraction,
+                                     repetitive_fraction) if noisy else {}
+
+    manifest = write_manifest(out_dir / "manifest.csv", dicom_records, label_names=list(CLASS_NAMES))
+    write_manifest(out_dir / "manifest_png.csv", png_records, label_names=list(CLASS_NAMES))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["study_id", *CLASS_NAMES])
+    writer.writerows(label_rows)
+    _atomic_write_text(out_dir / "labels.csv", buffer.getvalue())
+    meta = _metadata(params, n_patients, dicom_records, label_rows, noise_counts)
+    _atomic_write_text(out_dir / _METADATA_FILE, json.dumps(meta, indent=2) + "\n")  # last: marks the dataset complete
+    return manifest
