@@ -52,6 +52,9 @@ class ImageConfig:
     # pretrained weights were trained with (timm's pretrained config; 0.5 / 0.25 for random init)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    # images larger than this many pixels are refused from their header, before decoding (a decompression
+    # bomb: a 390 KB PNG can declare 20000 x 20000); 0 = no limit
+    max_pixels: int = 100_000_000
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -68,9 +71,10 @@ class TextConfig:
     # which end is cut when a text exceeds max_length: "right" keeps the start (findings first),
     # "left" keeps the end (the impression, when sections = findings, impression)
     truncation_side: str = "right"
-    # CLIPin second text view: sentence shuffle and sentence drop
-    view_shuffle: bool = True
-    view_drop_prob: float = 0.2
+    # CLIPin's second text view. Default t2 = t1, as the reference code (its second caption is commented out):
+    # the target branch sees the same report. Sentence shuffle / drop make t2 an augmented view instead.
+    view_shuffle: bool = False
+    view_drop_prob: float = 0.0
 
 
 @dataclass
@@ -101,8 +105,9 @@ class ImageEncoderConfig:
     # freeze the stem and the first N stages/blocks (timm's group_matcher order): pretrained low-level
     # features kept, and backward skips the high-resolution layers, which cost most on a CNN
     freeze_layers: int = 0
-    # false: the image tower runs in fp32 inside a bf16 run (depthwise-conv CNNs are faster in fp32 on CPUs)
-    autocast: bool = True
+    # true: passes that train the tower (gradients on) run in fp32 inside a bf16 run, forward-only passes
+    # (EMA target, evaluation) keep bf16. Depthwise-conv CNNs back-propagate faster in fp32 on CPUs (measured)
+    train_fp32: bool = False
 
 
 @dataclass

@@ -40,7 +40,7 @@ def unreadable_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ImageReadError]
     try:
-        from medclipin.data.cache import CacheError
+        from medclipin.data.image_cache import CacheError
 
         errors.append(CacheError)
     except ImportError:  # pragma: no cover
@@ -89,7 +89,7 @@ class ImageTextDataset(Dataset):
             text = processor.report_text(record)
             if require_text and not text.strip():
                 self.skipped["empty report text"] += 1
-            elif not cache_dir and not os.path.exists(record.image_path):
+            elif not cache_dir and not os.path.isfile(record.image_path):
                 self.skipped["image file missing"] += 1
                 self.missing.append(record.image_path)
             else:
@@ -149,8 +149,9 @@ class ImageTextDataset(Dataset):
             if self.two_views:
                 item["image_2"] = self.transform(pixels)
                 cfg = self.processor.text_cfg
-                item["text_2"] = text_view(self.texts[position], rng, shuffle=cfg.view_shuffle,
-                                           drop_prob=cfg.view_drop_prob)
+                if cfg.view_shuffle or cfg.view_drop_prob > 0:  # else t2 = t1: the batch has no second text
+                    item["text_2"] = text_view(self.texts[position], rng, shuffle=cfg.view_shuffle,
+                                               drop_prob=cfg.view_drop_prob)
         else:
             item["image"] = self.transform(pixels)
         return item
@@ -183,6 +184,7 @@ class TextImageCollator:
         batch.update(self.processor.texts([item["text"] for item in items]))
         if "image_2" in items[0]:
             batch["image_2"] = torch.stack([item["image_2"] for item in items])
+        if "text_2" in items[0]:
             second = self.processor.texts([item["text_2"] for item in items])
             batch["input_ids_2"], batch["attention_mask_2"] = second["input_ids"], second["attention_mask"]
         return batch

@@ -105,7 +105,7 @@ class Processor:
 
     def image_source(self, cache_dir: str = ""):
         """Decoded, geometry-normalised uint8 images of files, from a decode-once cache or the originals."""
-        from medclipin.data.cache import open_image_source
+        from medclipin.data.image_source import open_image_source
 
         key = os.fspath(cache_dir) if cache_dir else ""
         if key not in self._sources:

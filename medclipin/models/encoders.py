@@ -76,7 +76,7 @@ class ImageEncoder(nn.Module):
             self.model.to(memory_format=torch.channels_last)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.autocast = cfg.autocast
+        self.train_fp32 = cfg.train_fp32
         if cfg.freeze:
             _freeze(self.model)
         elif cfg.freeze_layers:
@@ -125,7 +125,7 @@ class ImageEncoder(nn.Module):
             image = image.repeat(1, self.replicate_channels, 1, 1)
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
-        if not self.autocast and torch.is_autocast_enabled(image.device.type):
+        if self.train_fp32 and torch.is_grad_enabled() and torch.is_autocast_enabled(image.device.type):
             with torch.autocast(image.device.type, enabled=False):
                 return self.model(image.float())
         return self.model(image)
@@ -244,6 +244,7 @@ class TextEncoder(nn.Module):
             # transformers >= 5 renamed it (the old name still works, with a deprecation warning)
             enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
             enable()
+        self.frozen_layers = 0
         if cfg.freeze:
             _freeze(self.model)
         elif cfg.freeze_layers:
@@ -260,6 +261,41 @@ class TextEncoder(nn.Module):
         _freeze(embeddings)
         for layer in list(layers)[:n_layers]:
             _freeze(layer)
+        self.frozen_layers = n_layers
+        if n_layers < len(layers):
+            # Two views of the same modules: the frozen trunk (embeddings + lower layers) and the trainable
+            # top. Kept out of the module tree (no duplicate parameters); deepcopy keeps the sharing.
+            self.__dict__["_split"] = _split_bert(self.model, n_layers)
+
+    @property
+    def has_frozen_trunk(self) -> bool:
+        """The embeddings and lower layers are frozen and run deterministically (:meth:`trunk`)."""
+        return "_split" in self.__dict__
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Frozen lower layers always run in eval mode: a fixed feature extractor, no dropout noise; so the
+        trunk's output is the same for every pass over the same text (the CLIPin target reuses it)."""
+        super().train(mode)
+        if self.has_frozen_trunk:
+            self._split[0].eval()
+        return self
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states after the frozen layers (B, L, H); no gradient (nothing below them trains)."""
+        with torch.no_grad():
+            return self._split[0](input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def top(self, trunk: torch.Tensor, attention_mask: torch.Tensor, return_hidden: bool = False):
+        """The trainable layers on a :meth:`trunk` output, then pooling: the same as :meth:`forward`."""
+        outputs = self._split[1](inputs_embeds=trunk, attention_mask=attention_mask, output_hidden_states=return_hidden)
+        pooled = self._pool(outputs.last_hidden_state, attention_mask)
+        return (pooled, outputs.hidden_states[-2]) if return_hidden else pooled
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def hf_config(self) -> dict:
         return self.model.config.to_dict()
@@ -269,11 +305,45 @@ class TextEncoder(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Pooled feature (B, H); with ``return_hidden`` also the hidden states entering the last block
         (B, L, H), the layer text-side relevance is computed on."""
+        if self.has_frozen_trunk:
+            return self.top(self.trunk(input_ids, attention_mask), attention_mask, return_hidden)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=return_hidden)
-        hidden = outputs.last_hidden_state
-        if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        pooled = self._pool(outputs.last_hidden_state, attention_mask)
         return (pooled, outputs.hidden_states[-2]) if return_hidden else pooled
+
+
+class _Passthrough(nn.Module):
+    """Stands in for BERT's embeddings in the trainable top: its input already is a hidden state."""
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
+        return inputs_embeds
+
+
+def _split_bert(model: nn.Module, n_layers: int) -> tuple[nn.Module, nn.Module]:
+    """Two Hugging Face models sharing ``model``'s modules: embeddings + layers[:n] and layers[n:].
+
+    Built from the model's own config class, so masks, SDPA and layer calls stay the library's own code;
+    each view only swaps in the shared embeddings / layers.
+    """
+    from transformers import AutoModel
+
+    layers = model.encoder.layer
+
+    def view(count: int) -> nn.Module:
+        config = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": count})
+        config._attn_implementation = model.config._attn_implementation
+        try:
+            part = AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:
+            part = AutoModel.from_config(config)
+        return part
+
+    lower = view(n_layers)
+    lower.embeddings = model.embeddings
+    lower.encoder.layer = nn.ModuleList(list(layers)[:n_layers])
+    upper = view(len(layers) - n_layers)
+    upper.embeddings = _Passthrough()
+    upper.encoder.layer = nn.ModuleList(list(layers)[n_layers:])
+    for part in (lower, upper):
+        part.pooler = None
+    return lower, upper

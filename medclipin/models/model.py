@@ -166,10 +166,17 @@ class MedClipModel(nn.Module):
         pooled = self.image_encoder(image)
         return pooled, self.image_pre(pooled)
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(pooled tower feature, pre-projector output)`` of tokenised texts."""
-        pooled = self.text_encoder(input_ids, attention_mask)
-        return pooled, self.text_pre(pooled)
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_trunk: bool = False):
+        """``(pooled tower feature, pre-projector output)`` of tokenised texts; with ``return_trunk`` also the
+        output of the text tower's frozen lower layers (None when nothing is frozen), which the CLIPin
+        target can reuse instead of recomputing."""
+        trunk = None
+        if return_trunk and self.text_encoder.has_frozen_trunk:
+            trunk = self.text_encoder.trunk(input_ids, attention_mask)
+            pooled = self.text_encoder.top(trunk, attention_mask)
+        else:
+            pooled = self.text_encoder(input_ids, attention_mask)
+        return (pooled, self.text_pre(pooled), trunk) if return_trunk else (pooled, self.text_pre(pooled))
 
     def project_image(self, pre: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         out = self.image_proj(pre)

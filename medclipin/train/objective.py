@@ -125,7 +125,7 @@ class ClipinPathway(nn.Module):
         torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
 
     def forward(self, batch: dict[str, torch.Tensor], p_img: torch.Tensor, p_txt: torch.Tensor,
-                base: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict, dict]:
+                base: torch.Tensor, stats: dict, text_trunk: torch.Tensor | None = None) -> tuple[torch.Tensor, dict, dict]:
         cfg = self.cfg
         if not self.active:
             total, terms = combine_clipin(None, None, base, self.loss_weights, use_inter=False, use_intra=False,
@@ -140,7 +140,13 @@ class ClipinPathway(nn.Module):
         with torch.no_grad():
             t = self.target
             zbar_img = F.normalize(t["image_nc"](t["image_pre"](t["image_encoder"](image_2))), dim=-1)
-            zbar_txt = F.normalize(t["text_nc"](t["text_pre"](t["text_encoder"](ids_2, mask_2))), dim=-1)
+            if text_trunk is not None and "input_ids_2" not in batch:
+                # t2 = t1 and the lower text layers are frozen: the target's frozen layers equal the online
+                # ones (an EMA of constants), so their output is reused and only the top layers run again
+                h_txt_2 = t["text_encoder"].top(text_trunk, mask_2)
+            else:
+                h_txt_2 = t["text_encoder"](ids_2, mask_2)
+            zbar_txt = F.normalize(t["text_nc"](t["text_pre"](h_txt_2)), dim=-1)
         pred = self.predictors
         l_inter = (clipin_inter_loss(pred.image_inter(z_img), pred.text_inter(z_txt), zbar_img, zbar_txt)
                    if cfg.use_inter else None)
@@ -244,7 +250,9 @@ class TrainingObjective(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> ObjectiveOutput:
         model = self.model
         h_img, p_img = model.image_features(batch["image"])
-        h_txt, p_txt = model.text_features(batch["input_ids"], batch["attention_mask"])
+        reuse = self.needs_two_views and "input_ids_2" not in batch
+        h_txt, p_txt, trunk = model.text_features(batch["input_ids"], batch["attention_mask"], return_trunk=True) \
+            if reuse else (*model.text_features(batch["input_ids"], batch["attention_mask"]), None)
         c_img, c_txt = model.project_image(p_img), model.project_text(p_txt)
         if model.kind == "siglip":
             base = self.base(c_img, c_txt, model.logit_scale, model.logit_bias)
@@ -254,7 +262,7 @@ class TrainingObjective(nn.Module):
         stats = {"std_image": embedding_std(c_img.detach()), "std_text": embedding_std(c_txt.detach())}
         parts = {model.kind: base}
         if self.clipin is not None:
-            loss, clipin_terms, clipin_parts = self.clipin(batch, p_img, p_txt, base, stats)
+            loss, clipin_terms, clipin_parts = self.clipin(batch, p_img, p_txt, base, stats, text_trunk=trunk)
             terms.update(clipin_terms)
             parts.update(clipin_parts)
         else:
