@@ -5,6 +5,7 @@ every config in configs/."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,10 @@ def test_lambda_learnable_clamped_by_after_optimizer_step():
 def test_siglip_bias_is_never_clamped():
     objective = build(tiny_cfg("siglip", clipin=False))
     model = objective.model
-    assert model.logit_bias.item() == pytest.approx(objective.cfg.contrastive.siglip_init_logit_bias)
+    # SigLIP's defaults (paper: scale ln 10, bias -10); CLIP starts at ln(1/0.07)
+    assert model.logit_scale.item() == pytest.approx(math.log(10), rel=1e-6)
+    assert model.logit_bias.item() == -10.0
+    assert build(tiny_cfg("clip", clipin=False)).model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
     with torch.no_grad():
         model.logit_scale.fill_(9.0)
         model.logit_bias.fill_(-30.0)
