@@ -343,6 +343,11 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                     tensorboard.write(row, step)
                     bar.update(step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
                                       "samples/s": f"{rate:.1f}"})
+            validating = validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0))
+            if validating and step < total:
+                # before this step's checkpoint, which then holds the best record and the RNG state after
+                # validation (its DataLoader draws from torch's global RNG): a run resumed from it repeats this one
+                best = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
             if step % tcfg.checkpoint_every == 0 or step == total:
                 if step == total:
                     wall = time.perf_counter() - wall_start
@@ -352,7 +357,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                 if step == total and dist_info.is_main:
                     # the final model is on disk before the last validation, which may still fail
                     model.save_pretrained(model_dir, processor=processor)
-            if validate_fn is not None and (step == total or (tcfg.validate_every and step % tcfg.validate_every == 0)):
+            if validating and step == total:
                 best = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
         if dist_info.enabled:
             dist.barrier()
