@@ -672,3 +672,25 @@ def test_a_tiny_batch_can_be_fitted(variant):
         objective.after_optimizer_step(step, 40)
         first = float(out.terms["clip"]) if first is None else first
     assert float(out.terms["clip"]) < 0.5 * first, (first, float(out.terms["clip"]))
+
+
+def test_medclipin_load_opens_a_format1_folder_with_its_processor(tmp_path):
+    """Format-1 folders kept the image and text settings in config.json and the tokenizer beside it:
+    ``medclipin.load`` rebuilds the processor from them (a scalar mean/std as one value)."""
+    import medclipin
+    from medclipin.data.tokenizer import train_wordpiece_tokenizer
+
+    cfg = tiny_cfg("clip")
+    objective = build(cfg, seed=4)
+    corpus = ["no pleural effusion.", "small right pleural effusion.", "the heart is enlarged."] * 20
+    tokenizer = train_wordpiece_tokenizer(corpus, vocab_size=VOCAB, out_dir=tmp_path / "tok")
+    write_format1_folder(objective, cfg, tmp_path / "old", tokenizer=tokenizer)
+    model, processor = medclipin.load(tmp_path / "old")
+    assert not model.training and processor.image_cfg.size == 32 and processor.text_cfg.max_length == 12
+    assert tuple(processor.image_cfg.mean) == (0.5,) and tuple(processor.image_cfg.std) == (0.25,)
+    assert processor.tokenizer.truncation_side == "right"
+    tokens = processor.texts(["small right pleural effusion."])
+    assert torch.equal(tokens["input_ids"], tokenizer(["small right pleural effusion."], return_tensors="pt")["input_ids"])
+    objective.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(**tokens), objective.model.encode_text(**tokens), rtol=0, atol=0)
