@@ -694,3 +694,23 @@ def test_medclipin_load_opens_a_format1_folder_with_its_processor(tmp_path):
     objective.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(**tokens), objective.model.encode_text(**tokens), rtol=0, atol=0)
+
+
+def test_detach_pre_keeps_the_non_contrastive_gradient_out_of_the_trunk():
+    """``clipin.detach_pre``: the non-contrastive terms train their own heads but send nothing into the shared
+    pre-projector and the towers, which then get exactly the contrastive term's gradient."""
+    grads = {}
+    for detach in (False, True):
+        objective = build(tiny_cfg(detach_pre=detach, learnable_lambda=False))
+        objective.eval()  # BatchNorm with running statistics: the same function in both runs
+        out = objective(batch())
+        out.loss.backward()
+        assert objective.clipin.image_nc[2].weight.grad is not None  # the heads still learn
+        assert objective.clipin.predictors.text_inter[0].weight.grad is not None
+        grads[detach] = objective.model.image_pre.weight.grad.clone()
+        objective.zero_grad()
+        out = objective(batch())
+        out.parts["clip"].backward()  # λ_clip = 1: the contrastive part of the total
+        grads[(detach, "clip")] = objective.model.image_pre.weight.grad.clone()
+    torch.testing.assert_close(grads[True], grads[(True, "clip")])
+    assert not torch.allclose(grads[False], grads[(False, "clip")])
