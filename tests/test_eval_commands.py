@@ -272,3 +272,36 @@ def test_public_api_on_plain_files_and_texts(eval_model, eval_data, eval_prompts
     assert len(hits) == 2 and hits[0].score >= hits[1].score and hits[0].item in paths
     hits = medclipin.retrieve(model, processor, paths[0], texts, k=1)
     assert hits[0].item in texts
+
+
+def test_unreadable_images_are_nan_rows_named_and_left_out_of_the_metrics(eval_model, eval_data, eval_prompts,
+                                                                         tmp_path):
+    import dataclasses
+
+    import medclipin
+    from medclipin.eval.embeddings import EmbeddingStore, keep_readable, readable_rows
+    from medclipin.eval.evaluate import retrieval, zero_shot
+    from medclipin.eval.zeroshot import load_prompts
+
+    model, processor = medclipin.load(eval_model)
+    records = read_manifest(eval_data).split("test")
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"\x00 not an image \x00" * 20)
+    broken = dataclasses.replace(records[1], image_path=str(bad))
+    listed = [records[0], broken, *records[2:]]
+    store = EmbeddingStore(model, processor, cache_dir=tmp_path / "cache")
+    images = store.images(listed)
+    assert torch.isnan(images[1]).all() and not torch.isnan(images[[0, 2]]).any()
+    assert readable_rows(images).tolist() == [True, False] + [True] * (len(listed) - 2)
+    assert list(store.rejected) == [str(bad)] and store.rejected[str(bad)]
+    kept, kept_images = keep_readable(listed, images)
+    assert [r.record_id for r in kept] == [r.record_id for r in listed if r is not broken]
+    assert torch.equal(kept_images, images[readable_rows(images)])
+    # a result with unreadable rows is not cached on disk (the file may be fixed)
+    assert not list((tmp_path / "cache").rglob("image-*.safetensors"))
+    result = retrieval(store, listed)
+    assert result["unreadable_images"] == [{"image_path": str(bad), "reason": store.rejected[str(bad)]}]
+    clean = retrieval(EmbeddingStore(model, processor), [r for r in listed if r is not broken])
+    assert result["image_to_text"] == clean["image_to_text"] and clean["unreadable_images"] == []
+    scores = zero_shot(store, listed, load_prompts(eval_prompts), bootstrap=0)
+    assert len(scores["scores"]) == len(listed) - 1 and scores["unreadable_images"][0]["image_path"] == str(bad)
