@@ -260,6 +260,22 @@ def test_siglip_bias_is_never_clamped():
     assert model.logit_bias.item() == -30.0
 
 
+def test_the_configured_temperature_and_bias_initialise_the_model():
+    cfg = tiny_cfg("siglip", clipin=False)
+    cfg.contrastive.siglip_init_logit_bias, cfg.contrastive.siglip_init_logit_scale = -5.0, 1.5
+    siglip = build(cfg).model
+    assert siglip.logit_bias.item() == -5.0 and siglip.logit_scale.item() == 1.5
+    cfg = tiny_cfg("clip", clipin=False)
+    cfg.contrastive.init_temperature = 0.2
+    assert build(cfg).model.logit_scale.item() == pytest.approx(math.log(1 / 0.2), rel=1e-6)
+    cfg.contrastive.init_temperature = 0.0
+    with pytest.raises(ValueError, match="init_temperature must be > 0"):
+        build(cfg)
+    cfg.contrastive.init_temperature, cfg.contrastive.kind = 0.07, "infonce"
+    with pytest.raises(ValueError, match="'clip' or 'siglip'"):
+        build(cfg)
+
+
 def test_lambda_fixed_is_a_buffer_and_used_in_the_total():
     objective = build(tiny_cfg(learnable_lambda=False, lambda_intra=0.5, lambda_clip=2.0))
     assert "clipin.loss_weights.lambda_intra" not in dict(objective.named_parameters())
