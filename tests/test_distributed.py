@@ -96,15 +96,18 @@ def _global_batch() -> dict:
 
 
 def _run_steps(kind: str, rank: int, world: int, steps: int) -> dict:
-    """Build the tiny model (same weights everywhere), take `steps` SGD steps on this rank's rows."""
+    """Build the tiny model and its objective (same weights everywhere), take `steps` SGD steps on this rank's rows."""
     from medclipin.config import TrainConfig
     from medclipin.models.model import MedClipModel
+    from medclipin.train.objective import TrainingObjective
     from medclipin.train.optim import build_scheduler
     from medclipin.train.step import TrainStep
 
     cfg = tiny_model_config(*KINDS[kind], clipin=kind == "clipin")
     torch.manual_seed(0)
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=VOCAB)
+    model = TrainingObjective(MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                                       vocab_size=VOCAB), cfg.model)
+    assert not model.has_unused_parameters
     module = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     train = TrainConfig(steps=10, warmup_steps=0, grad_clip=0.0, lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=train.lr, fused=True)  # skips non-finite steps on the device
@@ -122,7 +125,7 @@ def _run_steps(kind: str, rank: int, world: int, steps: int) -> dict:
             result["grads"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     result["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     if kind == "clipin":
-        result["target"] = {n: p.detach().clone() for n, p in model.target.named_parameters()}
+        result["target"] = {n: p.detach().clone() for n, p in model.clipin.target.named_parameters()}
     return result
 
 
@@ -216,15 +219,20 @@ def test_pretrain_command_on_two_processes_matches_one_process(tmp_path):
 
 def test_sync_batchnorm_converts_every_clipin_batchnorm_and_keeps_the_state_keys():
     from medclipin.models.model import MedClipModel
-    from medclipin.train.trainer import convert_sync_batchnorm
+    from medclipin.train.objective import TrainingObjective
 
     cfg = tiny_model_config("model.clipin.sync_batchnorm=true")
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=VOCAB)
+    model = TrainingObjective(MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                                       vocab_size=VOCAB), cfg.model)
     keys = list(model.state_dict())
     with pytest.raises(ValueError, match="GPU-only"):
-        convert_sync_batchnorm(model, torch.device("cpu"))
-    convert_sync_batchnorm(model, torch.device("cuda"))  # the conversion itself needs no GPU
+        model.convert_sync_batchnorm(torch.device("cpu"))
+    model.convert_sync_batchnorm(torch.device("cuda"))  # the conversion itself needs no GPU
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert len(norms) == 2 + 4 + 2  # nc projectors, predictors, the target's nc projectors
     assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
     assert list(model.state_dict()) == keys  # checkpoints load either way
+    # the target's copies are still the online heads' mirrors, and the model itself has no batch norm to convert
+    assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in model.clipin.target["image_nc"].modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    assert not [m for m in model.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]

@@ -1,5 +1,6 @@
 """The evaluation commands end to end on a tiny trained model: zeroshot, retrieve (metrics + queries),
-probe, gradcam (single + batch), the shared embedding cache, and the demo's evaluate() keys."""
+probe, gradcam (single + batch), the shared embedding cache, the demo's evaluate() keys, and
+``medclipin.load`` on a model, run or checkpoint folder."""
 
 import json
 
@@ -45,7 +46,8 @@ def test_zeroshot_command_rejects_a_prompt_class_missing_from_the_manifest(eval_
 
 def test_second_evaluation_of_a_checkpoint_does_not_reencode_images(eval_model, eval_data, eval_prompts, tmp_path,
                                                                    monkeypatch):
-    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.api import load
+    from medclipin.eval.embeddings import EmbeddingStore
     from medclipin.eval.evaluate import retrieval, zero_shot
     from medclipin.eval.zeroshot import load_prompts
 
@@ -54,15 +56,15 @@ def test_second_evaluation_of_a_checkpoint_does_not_reencode_images(eval_model, 
     calls = {"image": 0}
 
     def counting_store():
-        model, tokenizer = load_model(eval_model)
+        model, processor = load(eval_model)
         original = model.encode_image
 
-        def encode_image(image):
+        def encode_image(image, *args, **kwargs):
             calls["image"] += len(image)
-            return original(image)
+            return original(image, *args, **kwargs)
 
         monkeypatch.setattr(model, "encode_image", encode_image)
-        return EmbeddingStore(model, tokenizer, cache_dir=tmp_path / "cache")
+        return EmbeddingStore(model, processor, cache_dir=tmp_path / "cache")
 
     first = zero_shot(counting_store(), records, prompts, bootstrap=0)
     assert calls["image"] == len(records)
@@ -97,10 +99,23 @@ def test_retrieve_metrics_and_queries(eval_model, eval_data, tmp_path, capsys):
                 "--query-text", "small right pleural effusion", "--top-k", 3, "--out", tmp_path / "q") == 0
     printed = capsys.readouterr().out
     ids = {r.record_id for r in manifest.records}
-    listed = [line.split()[1] for line in printed.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
-    assert len(listed) == 3 and set(listed) <= ids
+    listed = [line.split() for line in printed.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+    # hits are named by their manifest row (1-based); record ids often embed patient identifiers
+    assert len(listed) == 3 and all(parts[1] == "row" for parts in listed)
+    rows = [int(parts[2]) for parts in listed]
+    assert all(1 <= row <= len(manifest.records) for row in rows) and len(set(rows)) == 3
+    assert not ids & set(printed.split())
     hits = json.loads((tmp_path / "q" / "query.json").read_text())["hits"]
-    assert [h["record_id"] for h in hits] == listed and hits[0]["score"] >= hits[-1]["score"]
+    assert [h["row"] for h in hits] == rows and hits[0]["score"] >= hits[-1]["score"]
+    assert not [h for h in hits if "record_id" in h]
+    # --show-ids names the same rows by their record ids (printed and saved)
+    assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--embedding-cache", cache,
+                "--query-text", "small right pleural effusion", "--top-k", 3, "--show-ids",
+                "--out", tmp_path / "q2") == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.strip()[:2].rstrip(".").isdigit()]
+    assert listed == [manifest.records[row - 1].record_id for row in rows] and set(listed) <= ids
+    hits = json.loads((tmp_path / "q2" / "query.json").read_text())["hits"]
+    assert [h["record_id"] for h in hits] == listed
 
     record = manifest.records[0]
     assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--embedding-cache", cache,
@@ -155,13 +170,14 @@ def test_gradcam_needs_a_mode(eval_model, tmp_path, capsys):
 
 
 def test_evaluate_keeps_the_demo_keys(eval_model, eval_data, eval_prompts, tmp_path):
-    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.api import load
+    from medclipin.eval.embeddings import EmbeddingStore
     from medclipin.eval.evaluate import evaluate
     from medclipin.eval.zeroshot import load_prompts
 
-    model, tokenizer = load_model(eval_model)
+    model, processor = load(eval_model)
     records = read_manifest(eval_data).split("test")
-    result = evaluate(EmbeddingStore(model, tokenizer), records, load_prompts(eval_prompts), tmp_path / "g",
+    result = evaluate(EmbeddingStore(model, processor), records, load_prompts(eval_prompts), tmp_path / "g",
                       gradcam_figures=1, bootstrap=20)
     assert "mean_auc" in result["zeroshot"] and "per_class_auc" in result["zeroshot"]
     assert {"R@1", "R@5", "R@10"} <= set(result["retrieval"]["image_to_text"])
@@ -171,12 +187,121 @@ def test_evaluate_keeps_the_demo_keys(eval_model, eval_data, eval_prompts, tmp_p
 
 
 def test_store_encodes_in_eval_mode_and_restores_the_mode(eval_model, eval_data):
-    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.api import load
+    from medclipin.eval.embeddings import EmbeddingStore
 
-    model, tokenizer = load_model(eval_model)
+    model, processor = load(eval_model)
+    assert not model.training  # loaded for inference
     model.train()
     texts = ["small right pleural effusion."] * 3
-    first = EmbeddingStore(model, tokenizer).texts(texts)
-    second = EmbeddingStore(model, tokenizer).texts(texts)
+    first = EmbeddingStore(model, processor).texts(texts)
+    second = EmbeddingStore(model, processor).texts(texts)
     assert model.training  # given back as it came
     assert torch.equal(first, second) and torch.allclose(first[0], first[1])  # no dropout noise
+
+
+# ------------------------------------------------------------------ medclipin.load
+def test_load_opens_a_model_a_run_and_a_checkpoint_folder(eval_model, eval_data):
+    """``medclipin.load`` takes RUN/model, RUN (its model/) or RUN/checkpoints/step_N (its model/): the same
+    weights and processor, ready for inference; anything else is a one-line ModelFolderError."""
+    import medclipin
+    from medclipin.api import resolve_model_dir
+    from medclipin.models.model import ModelFolderError
+    from medclipin.train import checkpoint as ckpt
+
+    run = eval_model.parent
+    checkpoint = ckpt.latest_checkpoint(run)
+    assert checkpoint is not None and checkpoint.name == "step_00000030"
+    assert resolve_model_dir(eval_model) == eval_model and resolve_model_dir(run) == run / "model"
+    assert resolve_model_dir(checkpoint) == checkpoint / "model"
+    model, processor = medclipin.load(eval_model)
+    assert type(model).__name__ == "MedClipModel" and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = model.state_dict()
+    record = read_manifest(eval_data).split("test")[0]
+    with torch.no_grad():
+        embedding = model.encode_image(processor.images([record.image_path]))
+    # the final checkpoint and RUN/model are written from the same weights (before the final validation)
+    for path in (run, checkpoint):
+        other, other_processor = medclipin.load(path)
+        assert other.state_dict().keys() == reference.keys()
+        for name, tensor in other.state_dict().items():
+            assert torch.equal(tensor, reference[name]), (path, name)
+        assert other_processor.to_dict() == processor.to_dict()
+        with torch.no_grad():
+            assert torch.equal(other.encode_image(other_processor.images([record.image_path])), embedding)
+    # errors name the path
+    with pytest.raises(ModelFolderError, match="no such file or folder"):
+        medclipin.load(run / "nothing")
+    with pytest.raises(ModelFolderError, match="is a file"):
+        medclipin.load(eval_model / "config.json")
+    with pytest.raises(ModelFolderError, match="no medclipin model here"):
+        medclipin.load(run / "checkpoints")
+
+
+def test_load_of_an_unfinished_run_says_so(tmp_path, eval_model):
+    import shutil
+
+    import medclipin
+    from medclipin.models.model import ModelFolderError
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(eval_model, run / "checkpoints" / "step_00000002" / "model")
+    with pytest.raises(ModelFolderError, match="did not finish"):
+        medclipin.load(run)
+    assert medclipin.load(run / "checkpoints" / "step_00000002")[0] is not None
+
+
+def test_public_api_on_plain_files_and_texts(eval_model, eval_data, eval_prompts):
+    """zero_shot / retrieve / embed on file paths and strings, consistent with the evaluation store."""
+    import medclipin
+    from medclipin.eval.embeddings import EmbeddingStore
+
+    model, processor = medclipin.load(eval_model)
+    records = read_manifest(eval_data).split("test")[:4]
+    paths = [r.image_path for r in records]
+    store = EmbeddingStore(model, processor)
+    torch.testing.assert_close(medclipin.embed_images(model, processor, paths), store.images(records))
+    torch.testing.assert_close(store.images(paths), store.images(records))  # bare paths work as records
+    texts = ["small right pleural effusion.", "normal heart size."]
+    torch.testing.assert_close(medclipin.embed_texts(model, processor, texts), store.texts(texts))
+    result = medclipin.zero_shot(model, processor, paths, eval_prompts)
+    assert result.scores.shape == (4, len(result.class_names)) and np.isfinite(result.scores).all()
+    hits = medclipin.retrieve(model, processor, "small right pleural effusion", paths, k=2)
+    assert len(hits) == 2 and hits[0].score >= hits[1].score and hits[0].item in paths
+    hits = medclipin.retrieve(model, processor, paths[0], texts, k=1)
+    assert hits[0].item in texts
+
+
+def test_unreadable_images_are_nan_rows_named_and_left_out_of_the_metrics(eval_model, eval_data, eval_prompts,
+                                                                         tmp_path):
+    import dataclasses
+
+    import medclipin
+    from medclipin.eval.embeddings import EmbeddingStore, keep_readable, readable_rows
+    from medclipin.eval.evaluate import retrieval, zero_shot
+    from medclipin.eval.zeroshot import load_prompts
+
+    model, processor = medclipin.load(eval_model)
+    records = read_manifest(eval_data).split("test")
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"\x00 not an image \x00" * 20)
+    broken = dataclasses.replace(records[1], image_path=str(bad))
+    listed = [records[0], broken, *records[2:]]
+    store = EmbeddingStore(model, processor, cache_dir=tmp_path / "cache")
+    images = store.images(listed)
+    assert torch.isnan(images[1]).all() and not torch.isnan(images[[0, 2]]).any()
+    assert readable_rows(images).tolist() == [True, False] + [True] * (len(listed) - 2)
+    assert list(store.rejected) == [str(bad)] and store.rejected[str(bad)]
+    kept, kept_images = keep_readable(listed, images)
+    assert [r.record_id for r in kept] == [r.record_id for r in listed if r is not broken]
+    assert torch.equal(kept_images, images[readable_rows(images)])
+    # a result with unreadable rows is not cached on disk (the file may be fixed)
+    assert not list((tmp_path / "cache").rglob("image-*.safetensors"))
+    result = retrieval(store, listed)
+    assert result["unreadable_images"] == [{"image_path": str(bad), "reason": store.rejected[str(bad)]}]
+    clean = retrieval(EmbeddingStore(model, processor), [r for r in listed if r is not broken])
+    assert result["image_to_text"] == clean["image_to_text"] and clean["unreadable_images"] == []
+    scores = zero_shot(store, listed, load_prompts(eval_prompts), bootstrap=0)
+    assert len(scores["scores"]) == len(listed) - 1 and scores["unreadable_images"][0]["image_path"] == str(bad)

@@ -69,3 +69,49 @@ def test_figure_handles_grey_colour_and_no_positive_words(tmp_path):
                                boxes=[(10, 20, 30, 40)])
     colour = save_gradcam_figure(tmp_path / "c.png", np.random.default_rng(0).random((48, 48, 3)), cam, None)
     assert grey.stat().st_size > 10_000 and colour.stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------ on a trained model, through its processor
+def test_explain_a_path_and_an_array_with_the_processor(eval_model, eval_data, tmp_path):
+    """``explain`` takes an image path or an array; both are fed to the model exactly as evaluation feeds
+    it (``model_input``), the similarity is the model's, and the words are the text's."""
+    import torch
+
+    import medclipin
+    from medclipin.data.manifest import read_manifest
+    from medclipin.data.readers import read_image
+    from medclipin.eval.gradcam import explain, model_input, save_explanation, text_relevance
+
+    model, processor = medclipin.load(eval_model)
+    record = next(r for r in read_manifest(eval_data).records if r.boxes)
+    text = "large right pleural effusion."
+    tensor, pixels, geometry = model_input(processor, record.image_path)
+    assert torch.equal(tensor, processor.images([record.image_path])[0])  # what evaluation sees
+    assert tensor.shape == (1, 64, 64) and pixels.dtype == np.uint8
+    from_path = explain(model, processor, record.image_path, text)
+    tokens = processor.texts([text])
+    with torch.no_grad():
+        similarity = float(model.similarity(tensor[None], tokens["input_ids"], tokens["attention_mask"])[0])
+    assert from_path.similarity == pytest.approx(similarity, abs=1e-5)
+    assert from_path.cam.shape == (64, 64) and 0 <= from_path.cam.min() and from_path.cam.max() <= 1 + 1e-6
+    assert from_path.cam_original.shape == from_path.original.shape[:2]
+    assert from_path.relevance.words == ["large", "right", "pleural", "effusion."]
+    relevance = text_relevance(model, processor, tensor, text)
+    assert relevance.words == from_path.relevance.words
+    np.testing.assert_allclose(relevance.signed, from_path.relevance.signed, rtol=1e-5, atol=1e-6)
+    # the decoded original as an array: the same model input (up to 8-bit rounding), the same explanation
+    original = read_image(record.image_path, window=processor.image_cfg.window).pixels
+    array_tensor, _, _ = model_input(processor, original)
+    from medclipin.data.transforms import normalization
+
+    one_level = 1.0 / 255 / min(normalization(processor.image_cfg)[1])  # one 8-bit step, normalised
+    assert (array_tensor - tensor).abs().max() <= 1.01 * one_level
+    from_array = explain(model, processor, original, text)
+    assert from_array.similarity == pytest.approx(from_path.similarity, abs=0.02)
+    assert from_array.original.shape == original.shape[:2] and from_array.relevance.words == from_path.relevance.words
+    summary = save_explanation(from_path, tmp_path / "e.png", boxes=[record.boxes[0].box])
+    assert (tmp_path / "e.png").stat().st_size > 10_000 and summary
+    # the public API gives the same explanation
+    again = medclipin.explain(model, processor, record.image_path, text)
+    assert again.similarity == pytest.approx(from_path.similarity, abs=1e-6)
+    np.testing.assert_allclose(again.cam, from_path.cam, atol=1e-5)

@@ -53,14 +53,15 @@ def test_score_rules():
 
 def test_multiclass_file_runs_end_to_end(eval_model, eval_data, tmp_path):
     from medclipin.data.manifest import read_manifest
-    from medclipin.eval.embeddings import EmbeddingStore, load_model
+    from medclipin.api import load
+    from medclipin.eval.embeddings import EmbeddingStore
     from medclipin.eval.evaluate import zero_shot
 
     path = tmp_path / "mc.yaml"
     path.write_text("name: mc\nmode: multiclass\ntemplates: ['{}.']\nclasses:\n"
                     "  Cardiomegaly: {positive: [cardiomegaly]}\n  Pneumothorax: {positive: [pneumothorax]}\n")
-    model, tokenizer = load_model(eval_model)
-    result = zero_shot(EmbeddingStore(model, tokenizer), read_manifest(eval_data).split("test"), load_prompts(path),
+    model, processor = load(eval_model)
+    result = zero_shot(EmbeddingStore(model, processor), read_manifest(eval_data).split("test"), load_prompts(path),
                        bootstrap=20)
     assert result["mode"] == "multiclass" and "accuracy" in result and "argmax" in result["threshold_rule"]
     assert result["scores"].shape[1] == 2

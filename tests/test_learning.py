@@ -17,6 +17,7 @@ from medclipin.config import load_config
 from medclipin.data.synthetic import synthesize_study
 from medclipin.data.tokenizer import train_wordpiece_tokenizer
 from medclipin.models.model import MedClipModel
+from medclipin.train.objective import TrainingObjective
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 N = 16
@@ -39,7 +40,8 @@ def fixed_batch(tmp_path_factory):
 def _fit(batch, vocab_size, overrides):
     cfg = load_config(DEMO_CONFIG, ["data.image.size=64", *overrides])
     torch.manual_seed(0)
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=vocab_size)
+    model = TrainingObjective(MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                                       vocab_size=vocab_size), cfg.model)
     if cfg.model.clipin.enabled:  # second views: the same pairs (this test is about fitting, not invariance)
         batch = {**batch, "image_2": batch["image"], "input_ids_2": batch["input_ids"],
                  "attention_mask_2": batch["attention_mask"]}

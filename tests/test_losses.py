@@ -8,18 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medclipin.config import ContrastiveConfig, XclipConfig
+from torch import nn
+
+from medclipin.config import XclipConfig
 from medclipin.losses import (
     ClipLoss,
     LossWeights,
     NclipLoss,
     PrototypeHead,
     SigLipLoss,
-    build_contrastive_loss,
     build_nclip_loss,
     clipin_inter_loss,
     clipin_intra_loss,
     combine_clipin,
+    contrastive_loss,
     embedding_std,
     gather_features,
     negative_cosine_pair,
@@ -54,13 +56,31 @@ def reference_clip(img, txt, scale: float) -> float:
     return 0.5 * (image_side / b + text_side / b)
 
 
+def scalar(value: float) -> nn.Parameter:
+    """A learnable 0-d float32 scalar, as the model holds ``logit_scale`` / ``logit_bias``."""
+    return nn.Parameter(torch.tensor(float(value)))
+
+
+class ScaledLoss(nn.Module):
+    """A base loss with its temperature (and SigLIP bias) as parameters, the way MedClipModel holds them."""
+
+    def __init__(self, loss: nn.Module, logit_scale: float, logit_bias: float | None = None):
+        super().__init__()
+        self.loss = loss
+        self.logit_scale = scalar(logit_scale)
+        self.logit_bias = scalar(logit_bias) if logit_bias is not None else None
+
+    def forward(self, image_features, text_features):
+        extra = () if self.logit_bias is None else (self.logit_bias,)
+        return self.loss(image_features, text_features, self.logit_scale, *extra)
+
+
 def test_clip_loss_matches_loop():
     img, txt = unit_rows(5, 4, 0), unit_rows(5, 4, 1)
-    loss_fn = ClipLoss(init_temperature=0.07)
-    assert loss_fn.logit_scale.item() == pytest.approx(math.log(1 / 0.07), rel=1e-6)
-    scale = loss_fn.logit_scale.exp().item()
-    assert loss_fn(img, txt).item() == pytest.approx(reference_clip(img, txt, scale), rel=1e-6)
-    assert torch.allclose(loss_fn.logits(img, txt), scale * img @ txt.T)
+    loss_fn = ClipLoss()
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    scale = logit_scale.exp().item()
+    assert loss_fn(img, txt, logit_scale).item() == pytest.approx(reference_clip(img, txt, scale), rel=1e-6)
 
 
 def test_clip_temperature_effect():
@@ -68,29 +88,31 @@ def test_clip_temperature_effect():
     txt = unit_rows(6, 8, 2)
     img = txt + 0.05 * unit_rows(6, 8, 3)
     img = img / img.norm(dim=1, keepdim=True)
-    sharp, soft = ClipLoss(init_temperature=0.05)(img, txt), ClipLoss(init_temperature=1.0)(img, txt)
+    loss_fn = ClipLoss()
+
+    def at(temperature: float):
+        return loss_fn(img, txt, torch.tensor(math.log(1 / temperature)))
+
+    sharp, soft = at(0.05), at(1.0)
     assert sharp < soft
-    flat = ClipLoss(init_temperature=1e6)(img, txt)
+    flat = at(1e6)
     assert flat.item() == pytest.approx(math.log(6), rel=1e-4)
 
 
-def test_clip_clamp_and_fixed_temperature():
-    loss_fn = ClipLoss()
-    with torch.no_grad():
-        loss_fn.logit_scale.fill_(7.0)
-    loss_fn.clamp_()
-    assert loss_fn.logit_scale.item() == pytest.approx(math.log(100), rel=1e-6)
-    with torch.no_grad():
-        loss_fn.logit_scale.fill_(-1.0)
-    loss_fn.clamp_()
-    assert loss_fn.logit_scale.item() == 0.0
-    fixed = ClipLoss(learnable=False)
-    assert list(fixed.parameters()) == [] and "logit_scale" in fixed.state_dict()
+def test_the_losses_own_no_parameters_and_a_fixed_temperature_gets_no_gradient():
+    """The temperature (and bias) belong to the model; the losses are parameter-free functions of them."""
+    for loss_fn in (ClipLoss(), SigLipLoss()):
+        assert list(loss_fn.parameters()) == [] and loss_fn.state_dict() == {}
+        assert not hasattr(loss_fn, "clamp_")
+    img, txt = unit_rows(4, 3, 4).requires_grad_(True), unit_rows(4, 3, 5)
+    fixed = torch.tensor(2.0)  # a plain tensor: a fixed temperature
+    ClipLoss()(img, txt, fixed).backward()
+    assert fixed.grad is None and img.grad is not None
 
 
 def test_clip_gradient_reaches_logit_scale():
     img, txt = unit_rows(4, 3, 4), unit_rows(4, 3, 5)
-    loss_fn = ClipLoss()
+    loss_fn = ScaledLoss(ClipLoss(), math.log(1 / 0.07))
     loss_fn(img, txt).backward()
     assert loss_fn.logit_scale.grad is not None and loss_fn.logit_scale.grad.abs() > 0
 
@@ -108,38 +130,29 @@ def reference_siglip(img, txt, scale: float, bias: float) -> float:
 
 def test_siglip_matches_double_loop_and_bias_gets_gradient():
     img, txt = unit_rows(5, 4, 6), unit_rows(5, 4, 7)
-    loss_fn = SigLipLoss(init_logit_scale=math.log(10), init_logit_bias=-2.0)
+    loss_fn = ScaledLoss(SigLipLoss(), math.log(10), -2.0)
     loss = loss_fn(img, txt)
     assert loss.item() == pytest.approx(reference_siglip(img, txt, 10.0, -2.0), rel=1e-6)
     loss.backward()
     assert loss_fn.logit_bias.grad is not None and loss_fn.logit_bias.grad.abs() > 0
     assert loss_fn.logit_scale.grad is not None
-    assert torch.allclose(loss_fn.logits(img, txt), 10.0 * img @ txt.T - 2.0)
 
 
-def test_siglip_defaults_and_clamp():
-    loss_fn = SigLipLoss()
-    assert loss_fn.logit_scale.item() == pytest.approx(math.log(10), rel=1e-6)
-    assert loss_fn.logit_bias.item() == -10.0
-    with torch.no_grad():
-        loss_fn.logit_scale.fill_(9.0)
-        loss_fn.logit_bias.fill_(-30.0)
-    loss_fn.clamp_()
-    assert loss_fn.logit_scale.item() == pytest.approx(math.log(100), rel=1e-6)
-    assert loss_fn.logit_bias.item() == -30.0  # the bias is never clamped
+def test_siglip_needs_the_bias():
+    with pytest.raises(TypeError):
+        SigLipLoss()(unit_rows(3, 2, 0), unit_rows(3, 2, 1), torch.tensor(2.3))
 
 
-def test_build_contrastive_loss():
-    assert isinstance(build_contrastive_loss(ContrastiveConfig(kind="clip")), ClipLoss)
-    siglip = build_contrastive_loss(ContrastiveConfig(kind="siglip", siglip_init_logit_bias=-5.0))
-    assert isinstance(siglip, SigLipLoss) and siglip.logit_bias.item() == -5.0
+def test_contrastive_loss_by_kind():
+    assert isinstance(contrastive_loss("clip"), ClipLoss)
+    assert isinstance(contrastive_loss(" SigLIP "), SigLipLoss)
     with pytest.raises(ValueError, match="clip.*siglip"):
-        build_contrastive_loss(ContrastiveConfig(kind="infonce"))
+        contrastive_loss("infonce")
 
 
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="same shape"):
-        ClipLoss()(unit_rows(4, 3, 0), unit_rows(5, 3, 1))
+        ClipLoss()(unit_rows(4, 3, 0), unit_rows(5, 3, 1), torch.tensor(2.0))
 
 
 # ----------------------------------------------------------------------------------- CLIPin terms
@@ -335,8 +348,8 @@ def _nclip_inputs():
 
 def _loss_makers():
     return {
-        "clip": lambda: ClipLoss(init_temperature=0.2),
-        "siglip": lambda: SigLipLoss(init_logit_bias=-2.0),
+        "clip": lambda: ScaledLoss(ClipLoss(), math.log(1 / 0.2)),
+        "siglip": lambda: ScaledLoss(SigLipLoss(), math.log(10), -2.0),
         "nclip": make_nclip,
     }
 

@@ -1,4 +1,5 @@
-"""The training run end to end on CPU: run folder, metrics, grad checkpointing, NaN safety, validation, compile."""
+"""The training run end to end on CPU: run folder, metrics, grad checkpointing, NaN safety, validation, compile,
+unreadable training images, and the processor's tokenisation in training, validation and evaluation."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import torch
 from medclipin.config import load_config
 from medclipin.models.model import MedClipModel
 from medclipin.train import checkpoint as ckpt
+from medclipin.train.objective import TrainingObjective
 from medclipin.train.trainer import NonFiniteLossError, pretrain
 from test_train_support import tiny_config
+
+TRAINING_PREFIXES = ("target.", "predictors.", "image_nc.", "text_nc.", "loss_weights.", "nclip.", "clipin.")
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -45,6 +49,20 @@ def test_run_folder_metrics_checkpoints_and_model(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not list(run.glob("**/.*tmp*"))  # no staging folders left behind
+    # the exported model holds no training tensors, and carries its processor; the checkpoint holds the
+    # objective's own state (EMA target, CLIPin heads, λ) beside its model/
+    from safetensors import safe_open
+
+    with safe_open(str(result.model_dir / "model.safetensors"), "pt") as handle:
+        exported = set(handle.keys())
+    assert exported == set(model.state_dict())
+    assert not [k for k in exported if k.startswith(TRAINING_PREFIXES)]
+    assert (result.model_dir / "processor.json").is_file() and (result.model_dir / "tokenizer.json").is_file()
+    with safe_open(str(run / "checkpoints" / "step_00000006" / ckpt.OBJECTIVE_NAME), "pt") as handle:
+        objective_keys = set(handle.keys())
+    assert any(k.startswith("clipin.target.image_encoder.") for k in objective_keys)
+    assert any(k.startswith("clipin.predictors.") for k in objective_keys)
+    assert result.rejects_path is None and not (run / "rejects.csv").exists()
 
 
 def test_a_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
@@ -59,7 +77,8 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     pretrain(base, tmp_path / "plain", progress=False)
     checkpointed = tiny_config("train.steps=2", "model.image_encoder.grad_checkpointing=true",
                                "model.text_encoder.grad_checkpointing=true", clipin=False)
-    model = MedClipModel(checkpointed.model, checkpointed.data.image, checkpointed.data.text, vocab_size=200)
+    model = MedClipModel.from_config(checkpointed.model, checkpointed.data.image.size,
+                                     checkpointed.data.image.channels, vocab_size=200)
     assert model.image_encoder.model.grad_checkpointing
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.text_encoder.model.modules())
     pretrain(checkpointed, tmp_path / "ckpt", progress=False)
@@ -77,8 +96,8 @@ def test_gradient_accumulation_runs_and_counts_samples(tmp_path):
 
 
 def _poison_forward(monkeypatch, bad_calls):
-    """Make MedClipModel.forward return a NaN loss on the given (1-based) call numbers."""
-    original = MedClipModel.forward
+    """Make TrainingObjective.forward return a NaN loss on the given (1-based) call numbers."""
+    original = TrainingObjective.forward
     calls = {"n": 0}
 
     def forward(self, batch):
@@ -88,7 +107,7 @@ def _poison_forward(monkeypatch, bad_calls):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(MedClipModel, "forward", forward)
+    monkeypatch.setattr(TrainingObjective, "forward", forward)
 
 
 def test_repeated_nan_stops_the_run_without_a_bad_checkpoint(tmp_path, monkeypatch):
@@ -119,22 +138,32 @@ def test_an_isolated_nan_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_validation_keeps_the_best_model(tmp_path):
-    cfg = tiny_config("train.steps=4", "train.validate_every=2", "train.checkpoint_every=4", clipin=False)
+    cfg = tiny_config("train.steps=6", "train.validate_every=2", "train.checkpoint_every=2",
+                      "train.keep_checkpoints=3", clipin=False)
     scores = iter([0.2, 0.7, 0.5])
     seen = []
 
-    def validate(model, tokenizer, step):
+    def validate(model, processor, step):
+        from medclipin.data.processor import Processor
+
+        assert isinstance(model, MedClipModel) and isinstance(processor, Processor)  # the inference model
         assert not model.training
         seen.append(step)
         return {"score": next(scores), "retrieval_i2t_R@10": 1.0}
 
     result = pretrain(cfg, tmp_path / "run", progress=False, validate_fn=validate)
-    assert seen == [2, 4]
+    assert seen == [2, 4, 6]
     assert result.best["step"] == 4 and result.best["score"] == 0.7
     assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "best" / "processor.json").is_file()  # a complete model folder (medclipin.load)
+    best_model = MedClipModel.from_pretrained(tmp_path / "run" / "best")
+    step4 = MedClipModel.from_pretrained(tmp_path / "run" / "checkpoints" / "step_00000004" / "model")
+    for name, tensor in step4.state_dict().items():  # RUN/best is the step-4 model, not the later, worse one
+        assert torch.equal(best_model.state_dict()[name], tensor), name
     lines = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [2, 4]
+    assert [line["step"] for line in lines] == [2, 4, 6]
     # the best record travels in the checkpoint, so a resumed run keeps comparing against it
+    assert ckpt.load_training_state(tmp_path / "run" / "checkpoints" / "step_00000004")["best"]["score"] == 0.7
     assert ckpt.load_training_state(ckpt.latest_checkpoint(tmp_path / "run"))["best"]["score"] == 0.7
 
 
@@ -184,3 +213,145 @@ def test_resume_choices(tmp_path):
     assert result.steps == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == ["1", "2", "3"]
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         pretrain(cfg, tmp_path / "other", resume=str(tmp_path / "nowhere"), progress=False)
+
+
+def test_the_final_model_is_written_before_the_final_validation(tmp_path):
+    """A final validation that fails leaves the finished run usable: RUN/model and the last checkpoint exist."""
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=5", clipin=False)
+
+    def validate(model, processor, step):
+        assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+        assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000002"
+        raise RuntimeError("validation crashed")
+
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        pretrain(cfg, tmp_path / "run", progress=False, validate_fn=validate)
+    import medclipin
+
+    model, processor = medclipin.load(tmp_path / "run")
+    final = ckpt.latest_checkpoint(tmp_path / "run")
+    for name, tensor in MedClipModel.from_pretrained(final / "model").state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def _manifest_with_unreadable_images(tmp_path, count: int):
+    """The synthetic manifest with the first ``count`` training images replaced by files that cannot be decoded."""
+    import dataclasses
+
+    from medclipin.data.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(tiny_config().data.manifest)
+    records, broken = [], []
+    for record in manifest.records:
+        if record.split == "train" and len(broken) < count:
+            bad = tmp_path / f"broken_{len(broken)}.dcm"
+            bad.write_bytes(b"\x00 not an image \x00" * 20)
+            broken.append(str(bad))
+            record = dataclasses.replace(record, image_path=str(bad))
+        records.append(record)
+    path = write_manifest(tmp_path / "manifest.csv", records, manifest.label_names, relative_paths=False)
+    return path, broken
+
+
+def test_unreadable_training_images_are_listed_in_rejects_csv(tmp_path):
+    path, broken = _manifest_with_unreadable_images(tmp_path, 1)
+    cfg = tiny_config("train.steps=8", "data.max_bad_fraction=0.1", f"data.manifest={path}", clipin=False)
+    result = pretrain(cfg, tmp_path / "run", progress=False)
+    assert result.steps == 8  # 8 batches of 8 from 31 records: every image is read at least once
+    assert result.rejects_path == tmp_path / "run" / "rejects.csv"
+    with result.rejects_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["image_path"] for r in rows] == broken and rows[0]["reason"]
+    assert result.skipped_records.get("image unreadable") == 1
+    assert int(read_metrics(tmp_path / "run")[-1]["rejected_images"]) == 1
+
+
+def test_too_many_unreadable_training_images_stop_the_run(tmp_path):
+    from medclipin.train.trainer import UnreadableImagesError
+
+    path, broken = _manifest_with_unreadable_images(tmp_path, 3)
+    cfg = tiny_config("train.steps=8", "data.max_bad_fraction=0.05", f"data.manifest={path}", clipin=False)
+    with pytest.raises(UnreadableImagesError, match="max_bad_fraction=0.05"):
+        pretrain(cfg, tmp_path / "run", progress=False)
+    with (tmp_path / "run" / "rejects.csv").open(newline="") as handle:
+        named = {r["image_path"] for r in csv.DictReader(handle)}
+    assert named and named <= set(broken)
+
+
+def test_training_validation_and_evaluation_tokenise_a_long_report_identically(tmp_path, monkeypatch):
+    """``data.text.truncation_side: left`` holds for the training batches, for validation (the trainer's
+    processor) and for the saved model (medclipin.load), before and after a validation pass; no
+    collator or store changes it (the old bug: the collator set a shared tokenizer's truncation side)."""
+    import medclipin
+    from medclipin.eval.embeddings import EmbeddingStore
+    from medclipin.train import trainer
+
+    cfg = tiny_config("train.steps=4", "train.validate_every=2", "train.checkpoint_every=4",
+                      "data.text.truncation_side=left", "data.text.max_length=12", clipin=False)
+    long_report = " ".join(f"finding number {i} is stable." for i in range(40))
+    seen_batches, seen_validation = [], []
+
+    class RecordingCollator(trainer.TextImageCollator):
+        def __call__(self, items):
+            batch = super().__call__(items)
+            seen_batches.append(([item["text"] for item in items], batch["input_ids"].clone(),
+                                 self.processor.texts([long_report])["input_ids"].clone()))
+            return batch
+
+    monkeypatch.setattr(trainer, "TextImageCollator", RecordingCollator)
+
+    def validate(model, processor, step):
+        before = processor.texts([long_report])["input_ids"].clone()
+        store = EmbeddingStore(model, processor)
+        store.texts([long_report, "no pleural effusion."])  # the evaluation path, inside training
+        seen_validation.append((step, before, processor.texts([long_report])["input_ids"].clone(),
+                                processor.tokenizer.truncation_side))
+        return {"score": float(step)}
+
+    pretrain(cfg, tmp_path / "run", progress=False, validate_fn=validate)
+    assert [s for s, *_ in seen_validation] == [2, 4] and len(seen_batches) == 4
+    _, processor = medclipin.load(tmp_path / "run")
+    assert processor.text_cfg.truncation_side == "left" and processor.tokenizer.truncation_side == "left"
+    expected = processor.texts([long_report])["input_ids"]
+    full = processor.tokenizer([long_report], truncation=False)["input_ids"][0]
+    assert expected.shape[1] == 12 and expected[0].tolist()[-11:] == full[-11:]  # the end of the report kept
+    for _, before, after, side in seen_validation:
+        assert side == "left" and torch.equal(before, expected) and torch.equal(after, expected)
+    for texts, input_ids, long_ids in seen_batches:  # steps 1-2 before the first validation, 3-4 after it
+        assert torch.equal(long_ids, expected)
+        assert torch.equal(input_ids, processor.texts(texts)["input_ids"])
+    # the synthetic reports are longer than 12 tokens: the batches really were cut on the left
+    right = processor.with_text(truncation_side="right")
+    assert any(not torch.equal(ids, right.texts(texts)["input_ids"]) for texts, ids, _ in seen_batches)
+
+
+def test_resume_after_a_checkpoint_with_validation_repeats_the_uninterrupted_losses(tmp_path):
+    """Validation runs between steps and draws from torch's global RNG (its DataLoader seeds itself from it):
+    a checkpoint must hold the RNG state *after* that step's validation, so that a run resumed from it
+    continues exactly like the uninterrupted run (dropout on)."""
+    from medclipin.data.manifest import read_manifest
+    from medclipin.train.validation import build_validate_fn
+
+    cfg = tiny_config("train.steps=4", "train.checkpoint_every=2", "train.validate_every=2",
+                      "train.keep_checkpoints=3", "train.deterministic=true",
+                      "model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                      "intermediate_size: 64, hidden_dropout_prob: 0.1, attention_probs_dropout_prob: 0.1}")
+    validate = build_validate_fn(cfg, read_manifest(cfg.data.manifest).split("validate"))
+    try:
+        pretrain(cfg, tmp_path / "reference", progress=False, validate_fn=validate)
+        # the same run killed after its step-2 checkpoint: copy it and drop what came later
+        run = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "reference", run)
+        shutil.rmtree(run / "checkpoints" / "step_00000004")
+        shutil.rmtree(run / "model")
+        result = pretrain(cfg, run, resume="auto", progress=False, validate_fn=validate)
+    finally:
+        torch.use_deterministic_algorithms(False)  # train.deterministic is process-wide: do not leak it
+    assert result.steps == 4
+    expected = {int(r["step"]): float(r["loss"]) for r in read_metrics(tmp_path / "reference")}
+    got = {int(r["step"]): float(r["loss"]) for r in read_metrics(run)}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    lines = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 4]

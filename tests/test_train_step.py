@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medclipin.config import TrainConfig
-from medclipin.models.model import ModelOutput
+from medclipin.train.objective import ObjectiveOutput
 from medclipin.train.distributed import DistInfo
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
 from medclipin.train.optim import build_scheduler
@@ -25,7 +25,7 @@ CPU = torch.device("cpu")
 
 
 class Toy(nn.Module):
-    """A regression 'model' with the MedClipModel calling convention (batch dict in, ModelOutput out)."""
+    """A regression objective with the TrainingObjective calling convention (batch dict in, ObjectiveOutput out)."""
 
     def __init__(self):
         super().__init__()
@@ -37,7 +37,7 @@ class Toy(nn.Module):
     def forward(self, batch):
         prediction = self.linear(batch["image"]).squeeze(-1)
         loss = ((prediction - batch["target"]) ** 2).mean() + self.poison
-        return ModelOutput(loss=loss, terms={"mse": loss.detach()}, stats={})
+        return ObjectiveOutput(loss=loss, terms={"mse": loss.detach()}, stats={})
 
     def after_optimizer_step(self, step, total):
         self.after_calls.append(step)

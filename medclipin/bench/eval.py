@@ -45,7 +45,8 @@ def bench_embedding(cfg: Config, device: torch.device, precision: str, batch_siz
     from medclipin.models.model import MedClipModel
 
     torch.manual_seed(0)
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=vocab_size(cfg)).to(device).eval()
+    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                     vocab_size=vocab_size(cfg)).to(device).eval()
     shape_cfg = _with_batch(cfg, batch_size)
     batch = synthetic_batch(shape_cfg, device, two_views=False)
     image_times, text_times = [], []

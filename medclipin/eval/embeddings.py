@@ -47,7 +47,7 @@ def _as_record(item) -> Record:
     if isinstance(item, Record):
         return item
     path = os.fspath(item)
-    return Record(record_id=path, image_path=path)
+    return Record(record_id=path, patient_id="", study_id="", image_path=path, split="")
 
 
 def readable_rows(embeddings: torch.Tensor) -> torch.Tensor:

@@ -129,7 +129,7 @@ class ClipinPathway(nn.Module):
         cfg = self.cfg
         if not self.active:
             total, terms = combine_clipin(None, None, base, self.loss_weights, use_inter=False, use_intra=False,
-                                          use_contrastive=True)
+                                          use_contrastive=cfg.use_contrastive)
             return total, terms, {}
         if cfg.detach_pre:  # diagnostic: the non-contrastive terms train their heads, not the shared trunk
             p_img, p_txt = p_img.detach(), p_txt.detach()
