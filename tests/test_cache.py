@@ -1,5 +1,5 @@
 """Decode-once cache: build, read back, resume, redo changed files, rejects, the ImageSource entry point
-(medclipin.data.image_source, image_cache, preprocess; and the old medclipin.data.cache import path)."""
+(medclipin.data.image_source, image_cache, preprocess)."""
 
 from __future__ import annotations
 
@@ -151,14 +151,6 @@ def test_io_benchmark_runs_and_reports(tmp_path, capsys):
     assert set(result["raw_dicom"]) == {"UNCR", "UNCI", "J2KR", "J2KI"}
     assert result["cache"]["entries"] == 8 and result["cache_vs_raw_dicom"] > 1
     assert (tmp_path / "io.json").is_file() and "cache vs mean raw DICOM" in capsys.readouterr().out
-
-
-def test_old_import_path_still_works():
-    """dataset.py, eval/ and bench/ import from medclipin.data.cache; the split modules are the same objects."""
-    from medclipin.data import cache, image_cache, image_source, preprocess
-
-    assert cache.open_image_source is image_source.open_image_source
-    assert cache.build_cache is preprocess.build_cache and cache.CacheError is image_cache.CacheError
 
 
 def test_pixel_limit_in_the_source_and_the_cache(tmp_path):

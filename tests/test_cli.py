@@ -39,7 +39,7 @@ def test_python_dash_m_entry_point():
 def test_every_user_error_exits_2_with_its_message(capsys, tmp_path):
     """One handler in the CLI: each module's input error is a MedclipinError, printed without a traceback."""
     from medclipin.config import ConfigError
-    from medclipin.data.cache import CacheError
+    from medclipin.data.image_cache import CacheError
     from medclipin.data.manifest import ManifestError
     from medclipin.data.prepare.common import PrepareError
     from medclipin.data.readers import ImageReadError

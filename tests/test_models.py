@@ -13,7 +13,7 @@ import torch
 
 from medclipin.config import ModelConfig, load_config
 from medclipin.losses import ClipLoss, SigLipLoss
-from medclipin.models.heads import NonContrastiveProjector, Predictor
+from medclipin.train.heads import NonContrastiveProjector, Predictor
 from medclipin.models.model import MedClipModel, ModelFolderError
 from medclipin.train.objective import TARGET_MODULES, TrainingObjective
 

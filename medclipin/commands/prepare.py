@@ -37,7 +37,7 @@ def add_options(parser: argparse.ArgumentParser, options_class: type, fixed: dic
         else:
             value_type = meta.get("type") or (type(default) if isinstance(default, (int, float, str)) else str)
             kwargs.update(type=value_type, default=list(default) if isinstance(default, (list, tuple)) else default)
-            for key in ("nargs", "choices", "metavar"):
+            for key in ("nargs", "choices", "metavar", "action"):
                 if key in meta:
                     kwargs[key] = meta[key]
         target = parser

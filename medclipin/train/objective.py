@@ -31,7 +31,7 @@ from medclipin.losses import (
     embedding_std,
 )
 from medclipin.models.encoders import ImageEncoder, TextEncoder
-from medclipin.models.heads import ClipinPredictors, NonContrastiveProjector
+from medclipin.train.heads import ClipinPredictors, NonContrastiveProjector
 from medclipin.models.model import MedClipModel
 
 # Online modules mirrored by the EMA target (method.md: encoders, pre-projectors, non-contrastive

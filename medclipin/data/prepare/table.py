@@ -9,6 +9,8 @@ as written, each of ``--image-extensions`` is tried appended to it (``COVID-0000
 column -> one-hot; empty cell = not stated) or ``--label-columns`` (1/0/-1/empty each).
 Patients: ``--patient-column`` (optionally narrowed by ``--patient-pattern``, a regex whose group 1
 is the patient id); splits: ``--split-column`` or a deterministic hash of the patient id.
+Rows: ``--where COLUMN=VALUE[,VALUE...]`` keeps only matching rows (real tables mix modalities and
+views); every row left out is counted in the summary with the condition it failed.
 """
 
 from __future__ import annotations
@@ -64,14 +66,47 @@ class Options(SplitOptions):
     view_column: str | None = option(None, "view column")
     split_column: str | None = option(None, "column with train/val(idate)/test; default: deterministic "
                                             "patient-hash split")
+    where: list[str] | None = option(
+        None, 'keep only rows matching COLUMN=VALUE[,VALUE...] (any of the values; shell-style wildcards, '
+              'case-insensitive) or COLUMN!=VALUE[,...]; repeat for several conditions, all must hold, e.g. '
+              '--where modality=X-ray --where "view=PA,AP*". Rows left out are counted in the summary',
+        nargs="+", action="extend", metavar="CONDITION")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.conditions = [RowCondition.parse(text) for text in (self.where or [])]
         if bool(self.image_column) == bool(self.image_template):
             raise PrepareError("the table adapter needs exactly one of image_column (--image-column) and "
                                "image_template (--image-template)")
         if self.label_column and self.label_columns:
             raise PrepareError("pass label_column (--label-column) or label_columns (--label-columns), not both")
+
+
+@dataclass(frozen=True)
+class RowCondition:
+    """One ``--where`` condition: a column, the accepted values (wildcards allowed), and whether it is negated."""
+
+    column: str
+    values: tuple[str, ...]
+    negated: bool = False
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "RowCondition":
+        negated = "!=" in text
+        column, sep, values = text.partition("!=" if negated else "=")
+        column = column.strip()
+        choices = tuple(v.strip().lower() for v in values.split(",") if v.strip())
+        if not sep or not column or not choices:
+            raise PrepareError(f"--where {text!r}: expected COLUMN=VALUE[,VALUE...] or COLUMN!=VALUE[,...]")
+        return cls(column, choices, negated, text)
+
+    def holds(self, row: dict) -> bool:
+        from fnmatch import fnmatchcase
+
+        value = str(row.get(self.column, "") or "").strip().lower()
+        matched = any(fnmatchcase(value, pattern) for pattern in self.values)
+        return matched != self.negated
 
 
 def _template(template: str, row: dict) -> str:
@@ -125,7 +160,7 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
     columns = set(rows[0])
     named = [opts.image_column, opts.id_column, opts.text_column, opts.findings_column, opts.impression_column,
              opts.report_column, opts.label_column, opts.patient_column, opts.study_column, opts.view_column,
-             opts.split_column, *(opts.label_columns or [])]
+             opts.split_column, *(opts.label_columns or []), *(c.column for c in opts.conditions)]
     missing = [c for c in named if c and c not in columns]
     if missing:
         raise PrepareError(f"{table}: no column(s) {', '.join(map(repr, missing))}; columns are {sorted(columns)}")
@@ -139,6 +174,10 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
     records = []
     seen: set[str] = set()
     for row in rows:
+        failed = next((c for c in opts.conditions if not c.holds(row)), None)
+        if failed is not None:
+            skipped[f"left out by --where {failed.text}"] += 1
+            continue
         rel = row[opts.image_column].strip() if opts.image_column else _template(opts.image_template, row)
         if not rel:
             skipped["empty image field"] += 1
