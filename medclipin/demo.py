@@ -141,7 +141,8 @@ def format_summary(metrics: dict) -> str:
         for k in ("R@1", "R@5", "R@10"):
             row(f"retrieval {label} {k}", rt[direction][k])
     row("retrieval chance R@10", rt["chance"]["R@10"])
-    row("Grad-CAM pointing game", gc.get("pointing_game"))
+    row("Grad-CAM pointing game (15 px tol.)", gc.get("pointing_game"))
+    row("Grad-CAM pointing game, strict", gc.get("pointing_game_strict"))
     row(f"Grad-CAM IoU (CAM ≥ {gc.get('iou_threshold', 0.5)}·max)", gc.get("iou"))
     row("train steps", tr["steps"])
     row("train samples/s", tr["samples_per_s"])

@@ -25,12 +25,12 @@ def test_vit_one_channel_native_and_cls_feature():
 
 
 def test_cnn_resnet18_one_channel_and_gradcam_layer():
-    enc = ImageEncoder(ImageEncoderConfig(name="resnet18"), in_chans=1, image_size=64)
+    enc = ImageEncoder(ImageEncoderConfig(name="resnet18"), in_chans=1, image_size=224)
     assert enc.model.conv1.in_channels == 1
-    x = torch.randn(2, 1, 64, 64)
+    x = torch.randn(2, 1, 224, 224)
     assert enc(x).shape == (2, 512) and enc.out_dim == 512
     layer, reshape = enc.gradcam_layer()
-    assert layer is enc.model.layer4 and reshape is None
+    assert layer is enc.model.layer4 and reshape is None  # 7 x 7 at 224 px
     seen = {}
     handle = layer.register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
     enc(x)

@@ -110,29 +110,35 @@ class _ImageOnly(torch.nn.Module):
         return torch.nn.functional.normalize(self.image_encoder(image), dim=-1)
 
 
-@pytest.mark.parametrize("name, kwargs, expected_layer", [
-    ("tf_efficientnet_lite0", {}, "blocks.6"),
-    ("resnet18", {}, "layer4"),
-    ("convnext_atto", {}, "stages.3"),
-    ("vit_tiny_patch16_224", {"depth": 2}, "blocks.1.norm1"),
+@pytest.mark.parametrize("name, kwargs, size, expected_layer", [
+    # CNNs: the last stage whose map is at least 7 x 7 (the last stage itself at 224 px; one up at 128 px)
+    ("tf_efficientnet_lite0", {}, 224, "blocks.6"),
+    ("tf_efficientnet_lite0", {}, 128, "blocks.4"),
+    ("resnet18", {}, 224, "layer4"),
+    ("resnet18", {}, 128, "layer3"),
+    ("convnext_atto", {}, 224, "stages.3"),
+    ("convnext_atto", {}, 128, "stages.2"),
+    # ViTs: the patch tokens entering the last block
+    ("vit_tiny_patch16_224", {"depth": 2}, 128, "blocks.1.norm1"),
 ])
-def test_each_family_builds_one_channel_and_gradcam_picks_a_spatial_layer(name, kwargs, expected_layer):
+def test_each_family_builds_one_channel_and_gradcam_picks_a_spatial_layer(name, kwargs, size, expected_layer):
     from medclipin.eval.gradcam import image_cam
 
     torch.manual_seed(0)
-    tower = ImageEncoder(ImageEncoderConfig(name=name, kwargs=kwargs), in_chans=1, image_size=128).eval()
-    assert tower.gradcam_layer_name() == expected_layer  # last convolutional stage / patch tokens of the last block
+    tower = ImageEncoder(ImageEncoderConfig(name=name, kwargs=kwargs), in_chans=1, image_size=size).eval()
+    assert tower.gradcam_layer_name() == expected_layer
     layer, reshape = tower.gradcam_layer()
     seen = {}
     handle = layer.register_forward_hook(lambda m, i, o: seen.update(out=o))
-    features = tower(torch.randn(2, 1, 128, 128))
+    features = tower(torch.randn(2, 1, size, size))
     handle.remove()
     assert features.shape == (2, tower.out_dim)
     maps = reshape(seen["out"]) if reshape is not None else seen["out"]
-    assert maps.ndim == 4 and maps.shape[0] == 2 and maps.shape[2] > 1 and maps.shape[3] > 1  # (B, C, h, w)
-    cams = image_cam(_ImageOnly(tower), torch.randn(2, 1, 128, 128),
-                     torch.nn.functional.normalize(torch.randn(2, tower.out_dim), dim=-1))
-    assert cams.shape == (2, 128, 128) and cams.min() >= 0 and cams.max() <= 1 + 1e-6
+    assert maps.ndim == 4 and maps.shape[0] == 2 and maps.shape[2] >= 7 and maps.shape[3] >= 7  # (B, C, h, w)
+    for method in ("hirescam", "gradcam"):
+        cams = image_cam(_ImageOnly(tower), torch.randn(2, 1, size, size),
+                         torch.nn.functional.normalize(torch.randn(2, tower.out_dim), dim=-1), method=method)
+        assert cams.shape == (2, size, size) and cams.min() >= 0 and cams.max() <= 1 + 1e-6
 
 
 def test_gradcam_on_the_pretrained_cnn_points_at_what_drives_the_score():

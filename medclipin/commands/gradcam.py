@@ -33,7 +33,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text", default=None, help="single mode: the finding or sentence to explain")
     parser.add_argument("--box", type=float, nargs=4, action="append", metavar=("X0", "Y0", "X1", "Y1"),
                         help="single mode: a lesion box in original-image pixels (repeatable) for the pointing game/IoU")
-    parser.add_argument("--prompts", default=None, help="batch mode: prompt YAML (each finding's first prompt is used)")
+    parser.add_argument("--prompts", default=None,
+                        help="batch mode: prompt YAML or a shipped name; each finding's zero-shot evidence (positive "
+                             "vs negative prompts) is explained")
+    parser.add_argument("--method", default="hirescam", choices=["hirescam", "gradcam", "gradcam++", "layercam"],
+                        help="class-activation method (default hirescam: faithful, element-wise gradient x activation)")
+    parser.add_argument("--target", default="evidence", choices=["evidence", "prompt"],
+                        help="batch mode: explain the zero-shot evidence (default) or the first positive prompt alone")
+    parser.add_argument("--tolerance", type=float, default=15.0,
+                        help="pointing-game tolerance in original-image pixels (default 15, Zhang et al.)")
     parser.add_argument("--split", default="test", help="batch mode: split (default test)")
     parser.add_argument("--limit", type=int, default=None, help="batch mode: at most this many (image, finding) pairs")
     parser.add_argument("--figures", type=int, default=8, help="batch mode: figures to write (default 8)")
@@ -66,14 +74,17 @@ def _single(args) -> int:
     out = Path(args.out)
     store, model_dir, cache_dir = open_store(args, out)
     explanation = explain(store.model, store.processor, args.image, args.text, image_cache=args.image_cache,
+                          method=args.method,
                           store=store)
     boxes = [tuple(b) for b in (args.box or [])]
     files = save_explanation(explanation, out / "gradcam.png", boxes=boxes)
     localisation = []
     for box in boxes:
         mapped = box_to_input(box, explanation.geometry, explanation.source_side, explanation.cam.shape[0])
+        tolerance = args.tolerance * explanation.geometry.scale * explanation.cam.shape[0] / explanation.source_side
         localisation.append({"box": list(box), "box_input": [float(v) for v in mapped],
-                             "pointing_game_hit": bool(pointing_game_hit(explanation.cam, mapped)),
+                             "pointing_game_hit": bool(pointing_game_hit(explanation.cam, mapped, tolerance)),
+                             "pointing_game_hit_strict": bool(pointing_game_hit(explanation.cam, mapped)),
                              "iou": cam_box_iou(explanation.cam, mapped, args.iou_threshold)})
     summary = {
         "run": run_info(args, store, model_dir, cache_dir),
@@ -104,7 +115,8 @@ def _batch(args) -> int:
     with_boxes = [r for r in records if r.boxes]
     out = Path(args.out)
     store, model_dir, cache_dir = open_store(args, out)
-    result = gradcam_localisation(store, with_boxes, prompts, out, figures=args.figures,
+    result = gradcam_localisation(store, with_boxes, prompts, out, figures=args.figures, method=args.method,
+                                  target=args.target, tolerance=args.tolerance,
                                   iou_threshold=args.iou_threshold, limit=args.limit)
     run_block = run_info(args, store, model_dir, cache_dir, split=args.split, n_records=len(with_boxes))
     summary = {"run": run_block, "prompts": prompts.summary(), "localisation": result, "figures": result["figures"]}

@@ -14,6 +14,8 @@ import torch
 from medclipin.data.manifest import Record
 from medclipin.eval.embeddings import EmbeddingStore, keep_readable
 from medclipin.eval.gradcam import (
+    DEFAULT_CAM_METHOD,
+    POINTING_TOLERANCE_PX,
     TextRelevance,
     box_to_input,
     cam_box_iou,
@@ -90,8 +92,8 @@ def probe(store: EmbeddingStore, train_records: list[Record], test_records: list
 
 
 def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: PromptSet, out_dir: Path | None,
-                         figures: int = 8, tolerance: float = 0.0, iou_threshold: float = 0.5,
-                         limit: int | None = None, target: str = "evidence") -> dict:
+                         figures: int = 8, tolerance: float = POINTING_TOLERANCE_PX, iou_threshold: float = 0.5,
+                         limit: int | None = None, target: str = "evidence", method: str = DEFAULT_CAM_METHOD) -> dict:
     """Pointing game and IoU over every (positive image, finding with a box) pair in ``records``.
 
     What is explained (``target``):
@@ -107,9 +109,14 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
     report words shaded by relevance) and their raw arrays (.npz) for the first ``figures`` pairs go
     to ``out_dir``.
 
+    Pointing game (Zhang et al. 2018): a hit when the map's maximum lies inside the box grown by
+    ``tolerance`` pixels of the original image (their standard: 15). ``pointing_game_strict`` is the
+    same with no tolerance.
+
     Args:
-        tolerance: pointing-game tolerance in model-input pixels (Zhang et al. 2016 use 15 px at 224 px).
+        tolerance: pointing-game tolerance in pixels of the original image.
         limit: stop after this many pairs (None = all).
+        method: the class-activation method (:data:`~medclipin.eval.gradcam.CAM_METHODS`).
     """
     if target not in ("evidence", "prompt"):
         raise ValueError(f"target must be 'evidence' or 'prompt', got {target!r}")
@@ -126,7 +133,7 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
              and r.image_path not in store.rejected]
     if limit is not None:
         pairs = pairs[:limit]
-    hits, ious, per_class, per_pair = [], [], {}, []
+    hits, strict_hits, ious, per_class, per_pair = [], [], [], {}, []
     written: list[str] = []
     for start in range(0, len(pairs), 16):
         chunk = pairs[start:start + 16]
@@ -137,10 +144,13 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
             text_emb = torch.stack([directions[class_index[b.label]] for _, b in chunk]).to(device)
         else:
             text_emb = store.texts(prompts_used).to(device)
-        cams = image_cam(model, images, text_emb)
+        cams = image_cam(model, images, text_emb, method=method)
         for (record, box), cam, (pixels, geometry), shown, prompt in zip(chunk, cams, loaded, images, prompts_used):
             mapped = box_to_input(box.box, geometry, pixels.shape[0], image_cfg.size)
-            hit = pointing_game_hit(cam, mapped, tolerance)
+            # original-image pixels → model-input pixels: the geometry's scale, then the final resize
+            tolerance_input = tolerance * geometry.scale * image_cfg.size / pixels.shape[0]
+            hit = pointing_game_hit(cam, mapped, tolerance_input)
+            strict_hits.append(pointing_game_hit(cam, mapped, 0.0))
             iou = cam_box_iou(cam, mapped, iou_threshold)
             hits.append(hit)
             ious.append(iou)
@@ -156,9 +166,11 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
             per_pair.append(entry)
     return {
         "pointing_game": float(np.mean(hits)) if hits else None,
+        "pointing_game_strict": float(np.mean(strict_hits)) if strict_hits else None,
         "iou": float(np.mean(ious)) if ious else None,
         "iou_threshold": iou_threshold,
         "tolerance_px": tolerance,
+        "method": method,
         "pairs": len(hits),
         "per_class_pointing_game": {k: float(np.mean(v)) for k, v in per_class.items()},
         "target": target,

@@ -59,15 +59,31 @@ class TextRelevance:
         return bool(self.scores.size and self.scores.max() > 0)
 
 
-def image_cam(model: MedClipModel, images: torch.Tensor, text_embeddings: torch.Tensor) -> np.ndarray:
-    """(B, S, S) Grad-CAM maps in [0, 1] of each image w.r.t. its text embedding (rows paired)."""
-    from pytorch_grad_cam import GradCAM
+# name → pytorch-grad-cam class. HiResCAM (Draelos & Carin 2020) multiplies gradients and activations
+# element-wise instead of averaging the gradients per channel first, which makes it faithful: it shows
+# the locations the score was computed from. On the demo model it also localises far better (pointing
+# game 0.42 against Grad-CAM's 0.24 on the same layer; docs/evaluation.md).
+CAM_METHODS = {"hirescam": "HiResCAM", "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "layercam": "LayerCAM"}
+DEFAULT_CAM_METHOD = "hirescam"
 
+
+def image_cam(model: MedClipModel, images: torch.Tensor, text_embeddings: torch.Tensor,
+              method: str = DEFAULT_CAM_METHOD) -> np.ndarray:
+    """(B, S, S) class-activation maps in [0, 1] of each image w.r.t. its text embedding (rows paired).
+
+    Args:
+        method: ``hirescam`` (default), ``gradcam``, ``gradcam++`` or ``layercam`` (pytorch-grad-cam).
+    """
+    import pytorch_grad_cam
+
+    if method not in CAM_METHODS:
+        raise ValueError(f"CAM method must be one of {', '.join(CAM_METHODS)}, got {method!r}")
+    cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
     layer, reshape = model.image_encoder.gradcam_layer()
     was_training = model.training
     model.eval()
     try:
-        with GradCAM(model=_ImageEmbedder(model), target_layers=[layer], reshape_transform=reshape) as cam:
+        with cam_class(model=_ImageEmbedder(model), target_layers=[layer], reshape_transform=reshape) as cam:
             maps = cam(input_tensor=images, targets=[SimilarityTarget(t) for t in text_embeddings])
     finally:
         model.train(was_training)
@@ -130,6 +146,11 @@ def box_to_input(box, geometry, source_side: int, size: int) -> tuple[float, flo
     factor = size / source_side
     (x0, y0), (x1, y1) = geometry.to_output(box[:2]), geometry.to_output(box[2:])
     return (x0 * factor, y0 * factor, x1 * factor, y1 * factor)
+
+
+# The pointing game of Zhang et al. (2018, "Top-down neural attention by excitation backprop") counts a hit
+# when the map's maximum lies within 15 pixels of the annotated region, in pixels of the original image.
+POINTING_TOLERANCE_PX = 15.0
 
 
 def pointing_game_hit(cam: np.ndarray, box, tolerance: float = 0.0) -> bool:
@@ -290,7 +311,8 @@ def text_embedding(model: MedClipModel, processor, text: str) -> torch.Tensor:
         return model.encode_text(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))[0]
 
 
-def explain(model: MedClipModel, processor, image, text: str, image_cache: str = "", store=None) -> Explanation:
+def explain(model: MedClipModel, processor, image, text: str, image_cache: str = "", store=None,
+            method: str = DEFAULT_CAM_METHOD) -> Explanation:
     """Where in ``image`` and which words of ``text`` drive their similarity, for this model.
 
     ``image`` is a file path (decoded with :func:`~medclipin.data.readers.read_image` for display and
@@ -310,7 +332,7 @@ def explain(model: MedClipModel, processor, image, text: str, image_cache: str =
         embedding = store.texts([text])[0].to(device)
     else:
         embedding = text_embedding(model, processor, text)
-    cam = image_cam(model, tensor[None].to(device), embedding[None])[0]
+    cam = image_cam(model, tensor[None].to(device), embedding[None], method=method)[0]
     with torch.no_grad():
         similarity = float((model.encode_image(tensor[None].to(device))[0] * embedding).sum())
     relevance = text_relevance(model, processor, tensor, text)

@@ -226,7 +226,11 @@ def gradcam_markdown(summary: dict, run: dict) -> str:
     loc = summary.get("localisation") or {}
     if loc.get("pairs"):
         lines.append(f"- pairs (image, finding with a box): {loc['pairs']}")
-        lines.append(f"- pointing game (CAM maximum inside the box): {_num(loc.get('pointing_game'))}")
+        lines.append(f"- pointing game (CAM maximum inside the box, {_num(loc.get('tolerance_px'), 0)} px tolerance in "
+                     f"the original image, Zhang et al.): {_num(loc.get('pointing_game'))}; strict (no tolerance): "
+                     f"{_num(loc.get('pointing_game_strict'))}")
+        lines.append(f"- method: {loc.get('method', 'gradcam')} on layer `{loc.get('layer', '?')}`; explained: "
+                     f"{loc.get('target', 'prompt')}")
         lines.append(f"- mean IoU of {{CAM ≥ {loc.get('iou_threshold')}·max}} with the box: {_num(loc.get('iou'))}")
         for name, value in (loc.get("per_class_pointing_game") or {}).items():
             lines.append(f"  - {name}: pointing game {_num(value)}")

@@ -97,13 +97,26 @@ class ModelSpec:
     @classmethod
     def from_dict(cls, values: dict) -> "ModelSpec":
         values = dict(values)
-        image = _build(ImageEncoderConfig, values.pop("image_encoder", {}), "image_encoder.")
-        text = _build(TextEncoderConfig, values.pop("text_encoder", {}), "text_encoder.")
+        image = _build(ImageEncoderConfig, _known(ImageEncoderConfig, values.pop("image_encoder", {}), "image_encoder"),
+                       "image_encoder.")
+        text = _build(TextEncoderConfig, _known(TextEncoderConfig, values.pop("text_encoder", {}), "text_encoder"),
+                      "text_encoder.")
         known = {f for f in cls.__dataclass_fields__} - {"image_encoder", "text_encoder"}
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown model keys {sorted(unknown)}")
         return cls(image_encoder=image, text_encoder=text, **values)
+
+
+def _known(config_class, values: dict, section: str) -> dict:
+    """A saved tower section without the keys this version does not know. Tower sections also hold
+    training-only settings (frozen layers, precision), which another medclipin version may name
+    differently; none of them changes the architecture, so a model folder stays loadable."""
+    fields = set(config_class.__dataclass_fields__)
+    unknown = sorted(set(values or {}) - fields)
+    if unknown:
+        log.warning("model config: ignoring %s keys this medclipin version does not know: %s", section, unknown)
+    return {k: v for k, v in (values or {}).items() if k in fields}
 
 
 def _projection_input(in_dim: int, pre_dim: int) -> nn.Module:
