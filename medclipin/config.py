@@ -165,7 +165,8 @@ class ClipinConfig:
     # they train their own heads but send no gradient into the pre-projector and the towers
     detach_pre: bool = False
     # Dropout / drop-path in the EMA target's encoders. true: the target runs in train mode like the online
-    # branch (reference code). false: a deterministic target, as DINO-style EMA teachers have; ~6 % cheaper.
+    # branch, so it draws the towers' own dropout masks (the reference code's target runs in train mode too,
+    # but its towers have no dropout at all). false: a deterministic target, as DINO-style EMA teachers have.
     target_dropout: bool = True
 
 
@@ -210,7 +211,7 @@ class TrainConfig:
     eps: float = 1e-8
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 = no clipping (the reference code does not clip)
     # "auto" (bf16 where the hardware runs it fast: CUDA, or a CPU with AVX512-BF16/AMX; else fp32),
     # "fp32", "bf16" (autocast) or "fp16" (autocast + GradScaler; GPU only)
     precision: str = "auto"
@@ -223,6 +224,12 @@ class TrainConfig:
     validate_every: int = 0  # 0 = only at the end
     max_nonfinite_steps: int = 5
     deterministic: bool = False
+    # every N steps log each loss term's gradient norm on the image and text trunks (tower + pre-projector):
+    # gnorm_<trunk>_<term> in metrics.csv; one extra backward per term on those steps (0 = off)
+    grad_monitor_every: int = 0
+    # weight decay on CLIPin's learnable λ too (the reference code decays every tensor but norms, biases and
+    # the logit scale); default false: decaying a loss weight toward 0 silently reweights the objective
+    decay_loss_weights: bool = False
 
 
 @dataclass

@@ -74,7 +74,8 @@ def synthetic_batch(cfg: Config, device: torch.device, two_views: bool, seed: in
     batch["input_ids"], batch["attention_mask"] = text()
     if two_views:
         batch["image_2"] = torch.randn(b, ch, size, size, generator=g)
-        batch["input_ids_2"], batch["attention_mask_2"] = text()
+        if cfg.data.text.view_shuffle or cfg.data.text.view_drop_prob > 0:  # else t2 = t1, as the dataset does
+            batch["input_ids_2"], batch["attention_mask_2"] = text()
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -205,8 +206,12 @@ def build_open_clip_model(cfg: Config) -> nn.Module:
     trunk = medclipin_image.model
     if hasattr(trunk, "reset_classifier"):
         trunk.reset_classifier(0, global_pool="token" if hasattr(trunk, "cls_token") else "avg")
-    model.visual.trunk = trunk
+    model.visual.trunk = trunk  # frozen stages (model.image_encoder.freeze_layers) stay frozen: the same module
     model.visual.head.proj = nn.Linear(model.visual.trunk.num_features, embed_dim, bias=False)
+    frozen = cfg.model.text_encoder.freeze_layers
+    if frozen:  # the same frozen lower layers, with open_clip's own mechanism (HFTextEncoder.lock)
+        layers = model.text.transformer.config.num_hidden_layers
+        model.text.lock(unlocked_layers=layers - frozen, freeze_layer_norm=True)
     return model
 
 

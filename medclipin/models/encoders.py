@@ -6,6 +6,7 @@ online — from a hub name.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -190,6 +191,23 @@ def _model_from_config(config):
         return AutoModel.from_config(config, attn_implementation="sdpa")
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings and progress bars off for one load (errors still raise)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
     """``AutoModel.from_pretrained`` from a local folder or (online) a hub name, without a pooler and with
     SDPA attention where the architecture supports them; a clear :class:`EncoderLoadError` otherwise."""
@@ -205,7 +223,8 @@ def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
     last: Exception | None = None
     for extra in attempts:
         try:
-            return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
+            with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
+                return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
         except (TypeError, ValueError) as exc:  # no add_pooling_layer argument / no SDPA support
             last = exc
         except OSError as exc:

@@ -35,12 +35,27 @@ class MetricsLog:
                 with self.path.open(newline="") as handle:
                     self.columns = next(csv.reader(handle), None)
             self.columns = self.columns or [*row, *(c for c in self.extra_columns if c not in row)]
+        added = [key for key in row if key not in self.columns]
+        if added and not new_file:
+            # a column that appears later (e.g. a monitor logged every N steps): widen the file once
+            self._rewrite([*self.columns, *added])
+        elif added:
+            self.columns = [*self.columns, *added]
         with self.path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
             handle.flush()
+
+    def _rewrite(self, columns: list[str]) -> None:
+        with self.path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        with atomic_open(self.path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        self.columns = columns
 
     def truncate_after(self, step: int) -> None:
         """Keep the rows of steps ``1..step`` only (resume: each step appears once, in order).

@@ -26,7 +26,7 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float,
-                     lrs: Sequence[tuple[nn.Module, float]] = ()) -> list[dict]:
+                     lrs: Sequence[tuple[nn.Module, float]] = (), decay_loss_weights: bool = False) -> list[dict]:
     """AdamW groups: weights with decay; norms, biases, temperatures, λ, prototypes and the position
     embeddings / class tokens a timm model lists in ``no_weight_decay()`` without.
 
@@ -34,6 +34,8 @@ def parameter_groups(model: nn.Module, weight_decay: float,
         lrs: ``(submodule, lr)`` pairs (the pretrained towers): their parameters form their own decay and
             no-decay groups with that learning rate; everything else uses the optimiser's default lr.
             Groups are always listed in the same order, so optimiser state dicts line up on resume.
+
+        decay_loss_weights: CLIPin's λ get weight decay too (the reference code's setting).
 
     Parameters that do not require gradients (the EMA target, frozen towers and layers) are left out.
     """
@@ -44,7 +46,9 @@ def parameter_groups(model: nn.Module, weight_decay: float,
         if not parameter.requires_grad:
             continue
         decay, no_decay = buckets[owner.get(id(parameter), len(lrs))]
-        if parameter.ndim < 2 or name in exempt or any(key in name for key in NO_DECAY_NAMES):
+        if decay_loss_weights and "lambda" in name:
+            decay.append(parameter)
+        elif parameter.ndim < 2 or name in exempt or any(key in name for key in NO_DECAY_NAMES):
             no_decay.append(parameter)
         else:
             decay.append(parameter)
@@ -84,7 +88,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
     """
     if lrs is None:
         lrs = tower_learning_rates(model, cfg)
-    groups = [g for g in parameter_groups(model, cfg.weight_decay, lrs)]
+    groups = parameter_groups(model, cfg.weight_decay, lrs, decay_loss_weights=cfg.decay_loss_weights)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 

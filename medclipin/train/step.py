@@ -175,6 +175,14 @@ class TrainStep:
         self.cfg, self.precision, self.device, self.dist_info, self.ddp = cfg, precision, device, dist_info, ddp
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps, total=nonfinite_total)
+        # the shared trunks the gradient monitor reports on: each modality's tower and pre-projector
+        inner = getattr(model, "model", None)
+        self.trunks: dict[str, list[torch.nn.Parameter]] = {}
+        for trunk in ("image", "text"):
+            modules = [getattr(inner, f"{trunk}_encoder", None), getattr(inner, f"{trunk}_pre", None)]
+            params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+            if params:
+                self.trunks[trunk] = params
 
     @property
     def nonfinite_total(self) -> int:
@@ -192,6 +200,24 @@ class TrainStep:
             return self.train_module.no_sync()
         return contextlib.nullcontext()
 
+    def _monitoring(self, step: int) -> bool:
+        every = getattr(self.cfg, "grad_monitor_every", 0)
+        return bool(every) and (step + 1) % every == 0 and len(getattr(self, "trunks", {})) > 0
+
+    def _term_gradient_norms(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gradient norm of each loss term alone on each shared trunk (``gnorm_<trunk>_<term>``): which term
+        drives the towers. One extra backward per term, on monitored steps only (``train.grad_monitor_every``)."""
+        norms: dict[str, torch.Tensor] = {}
+        for term, value in parts.items():
+            if not value.requires_grad:
+                continue
+            for trunk, params in self.trunks.items():
+                grads = torch.autograd.grad(value.float(), params, retain_graph=True, allow_unused=True)
+                squares = [g.float().pow(2).sum() for g in grads if g is not None]
+                norms[f"gnorm_{trunk}_{term}"] = (torch.stack(squares).sum().sqrt() if squares
+                                                  else torch.zeros((), device=self.device))
+        return norms
+
     def _skips_on_device(self) -> bool:
         # re-read every step: loading an optimiser state dict replaces the groups' flags
         return all(group.get("fused") for group in self.optimizer.param_groups)
@@ -204,6 +230,7 @@ class TrainStep:
                 steps in a row (checked once this step's work is queued, so at most one step late).
         """
         accum = self.cfg.grad_accum
+        stats_extra: dict[str, torch.Tensor] = {}
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         terms_sum: dict[str, torch.Tensor] = {}
@@ -216,11 +243,13 @@ class TrainStep:
             with self._no_sync(index == accum - 1):
                 with autocast_context(self.precision, self.device):
                     out = self.train_module(batch)
+                if index == 0 and self._monitoring(step):
+                    stats_extra = self._term_gradient_norms(out.parts)
                 self.scaler.scale(out.loss / accum).backward()
             loss_sum += out.loss.detach().float() / accum
             for key, value in out.terms.items():
                 terms_sum[key] = terms_sum.get(key, 0) + value.detach().float() / accum
-            stats = out.stats
+            stats = {**out.stats, **stats_extra}
         self.guard.check()  # the previous steps' verdicts: this step is queued, so the device is busy
         if self.dist_info.enabled:
             # the mean of the ranks' local losses is the global-batch loss; a NaN on any rank makes the

@@ -341,7 +341,8 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                 best, validation = _validate(model, processor, step, validate_fn, best, run_dir, dist_info,
                                              tensorboard)
             # the host reads the step's outcome only here (log steps) and before a checkpoint
-            if step % tcfg.log_every == 0 or final or validation_due:
+            monitored = bool(tcfg.grad_monitor_every) and step % tcfg.grad_monitor_every == 0
+            if step % tcfg.log_every == 0 or final or validation_due or monitored:
                 now = time.perf_counter()
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 interval_start, interval_samples = now, 0

@@ -1,0 +1,389 @@
+"""CLIPin where it claims to win: a seeded study on loose and repetitive image–report pairs.
+
+    python -m medclipin.experiments.study --out runs/study                 # the whole plan, resumable
+    python -m medclipin.experiments.study --out runs/study --grid main --settings clean loose40
+    python -m medclipin.experiments.study --out runs/study --report-only   # tables + plot from what ran
+
+Two grids, both on the offline-pretrained CPU towers (``cpu_*`` configs: ImageNet EfficientNet-Lite0 +
+all-MiniLM-L6-v2) with one short, equal budget for every run (``--steps``, batch, image size):
+
+* ``main`` — CLIP, ONLYCLIP (CLIPin's network, non-contrastive terms off), CLIP + CLIPin, SigLIP,
+  SigLIP + CLIPin and xCLIP on four training sets that differ only in their train split: ``clean``,
+  ``loose20`` / ``loose40`` (that share of train reports describe another study or omit findings) and
+  ``repetitive`` (most normal train reports replaced by three fixed templates). Validate and test splits
+  are identical in all four (``medclipin synth --loose-fraction/--repetitive-fraction``).
+* ``stall`` — CLIP + CLIPin with one thing changed at a time (text view, momentum 0.99 / cosine, fixed
+  λ_clip 5 / 20, the reference code's optimiser, a 3x budget, no non-contrastive gradient into the shared
+  pre-projector), and the from-scratch tiny towers where the contrastive term used to stall.
+
+Every run logs per-term gradient norms on the image and text trunks and the per-dimension embedding std
+(``metrics.csv``), and is scored on the held-out test split: zero-shot AUC (synthetic prompts, bootstrap
+95% CI), image↔text R@10, and a linear probe on the frozen image tower at 1 / 10 / 100 % of the labels.
+A finished run (``OUT/runs/<grid>/<setting>/<variant>/seed<k>/result.json``) is reused when the same
+settings are asked for again, so the command can be stopped and restarted at any time.
+
+Writes ``OUT/results.json``, ``OUT/study.md`` (mean ± 95% CI over seeds, Student t) and
+``OUT/auc_vs_loose.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------ the plan
+SETTINGS = {  # name → (loose_fraction, repetitive_fraction) of the synthetic train split
+    "clean": (0.0, 0.0),
+    "loose20": (0.2, 0.0),
+    "loose40": (0.4, 0.0),
+    "repetitive": (0.0, 0.8),
+}
+
+METHODS = {  # variant → (shipped config, overrides, label)
+    "clip": ("cpu_clip", [], "CLIP"),
+    "onlyclip": ("cpu_onlyclip", [], "ONLYCLIP (CLIPin network, NC terms off)"),
+    "clip_clipin": ("cpu_clip_clipin", [], "CLIP + CLIPin"),
+    "siglip": ("cpu_siglip", [], "SigLIP"),
+    "siglip_clipin": ("cpu_siglip_clipin", [], "SigLIP + CLIPin"),
+    "xclip": ("cpu_xclip", [], "xCLIP"),
+}
+
+REFERENCE_OPTIMISER = [  # T6Yang/CLIPin main.py: one AdamW for everything, no clipping, λ decayed too
+    "train.lr=3e-5", "train.image_encoder_lr=0", "train.text_encoder_lr=0", "train.betas=[0.9, 0.98]",
+    "train.eps=1e-6", "train.weight_decay=0.001", "train.grad_clip=0", "train.decay_loss_weights=true",
+]
+
+STALL = {  # variant → (config, overrides, label); every one is CLIP + CLIPin with one thing changed
+    "clip_clipin": ("cpu_clip_clipin", [], "CLIP + CLIPin (as shipped)"),
+    "text_view": ("cpu_clip_clipin", ["data.text.view_shuffle=true", "data.text.view_drop_prob=0.2"],
+                  "second text view: sentences shuffled / dropped"),
+    "momentum_0.99": ("cpu_clip_clipin", ["model.clipin.momentum=0.99"], "EMA momentum 0.99"),
+    "momentum_cosine": ("cpu_clip_clipin", ["model.clipin.momentum_schedule=cosine"], "EMA momentum 0.95 → 1 (cosine)"),
+    "lambda_clip_5": ("cpu_clip_clipin", ["model.clipin.learnable_lambda=false", "model.clipin.lambda_clip=5"],
+                      "fixed λ_clip = 5"),
+    "lambda_clip_20": ("cpu_clip_clipin", ["model.clipin.learnable_lambda=false", "model.clipin.lambda_clip=20"],
+                       "fixed λ_clip = 20"),
+    "reference_optimiser": ("cpu_clip_clipin", REFERENCE_OPTIMISER, "the reference code's optimiser"),
+    "detach_pre": ("cpu_clip_clipin", ["model.clipin.detach_pre=true"],
+                   "diagnostic: no NC gradient into the shared pre-projector"),
+    "long": ("cpu_clip_clipin", ["@steps*3"], "3x the budget"),
+    "clip_long": ("cpu_clip", ["@steps*3"], "CLIP, 3x the budget"),
+    # where the contrastive term used to stall: both towers from scratch (tiny ViT + 3-layer BERT)
+    "scratch_clip": ("tiny_clip", ["@scratch"], "from scratch: CLIP"),
+    "scratch_onlyclip": ("tiny_clip_clipin", ["@scratch", "model.clipin.use_inter=false", "model.clipin.use_intra=false"],
+                         "from scratch: ONLYCLIP"),
+    "scratch_clip_clipin": ("tiny_clip_clipin", ["@scratch"], "from scratch: CLIP + CLIPin"),
+    "scratch_detach_pre": ("tiny_clip_clipin", ["@scratch", "model.clipin.detach_pre=true"],
+                           "from scratch: CLIP + CLIPin, no NC gradient into the pre-projector"),
+}
+
+
+@dataclass
+class Budget:
+    """What every run shares: the same steps, batch, images, text length and evaluation."""
+
+    steps: int = 120
+    batch_size: int = 32
+    image_size: int = 96
+    max_length: int = 48
+    patients: int = 1600
+    threads: int = 2
+    probe_seeds: tuple[int, ...] = (0, 1, 2)
+    bootstrap: int = 200
+    extra: list[str] = field(default_factory=list)
+
+    def overrides(self, manifest: Path, seed: int, special: list[str]) -> list[str]:
+        steps = self.steps * 3 if "@steps*3" in special else self.steps
+        size, max_length = self.image_size, self.max_length
+        if "@scratch" in special:
+            # from-scratch tiny towers: the setting where the stall was measured (docs/comparison.md, before
+            # this study): 300 steps × batch 32 at 64 px, reports up to 96 tokens
+            steps, size, max_length = 300, 64, 96
+        out = [
+            f"data.manifest={manifest}", f"train.seed={seed}", f"train.steps={steps}",
+            f"train.batch_size={self.batch_size}", f"data.image.size={size}",
+            f"data.text.max_length={max_length}", f"train.warmup_steps={max(1, steps // 10)}",
+            f"train.checkpoint_every={steps}", "train.keep_checkpoints=1", f"train.log_every={max(1, steps // 12)}",
+            f"train.grad_monitor_every={max(1, steps // 6)}", f"train.threads={self.threads}",
+            "train.validate_every=0", "train.device=cpu", "eval.prompts=synthetic",
+        ]
+        return out + [o for o in special if not o.startswith("@")] + list(self.extra)
+
+
+# ------------------------------------------------------------------------------------------ one run
+def _settings_key(budget: Budget, config: str, overrides: list[str]) -> dict:
+    return {"config": config, "overrides": overrides, "probe_seeds": list(budget.probe_seeds),
+            "bootstrap": budget.bootstrap, "version": 1}
+
+
+def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifest: Path, budget: Budget) -> dict:
+    """Train and evaluate one run, or return its cached result when it ran with the same settings."""
+    from medclipin.api import load
+    from medclipin.config import load_config
+    from medclipin.data.manifest import read_manifest
+    from medclipin.eval.embeddings import EmbeddingStore
+    from medclipin.eval.evaluate import probe, retrieval, zero_shot
+    from medclipin.eval.zeroshot import load_prompts
+    from medclipin.train.trainer import pretrain
+
+    config, special, label = (METHODS if grid == "main" else STALL)[variant]
+    overrides = budget.overrides(manifest, seed, special)
+    run_dir = out / "runs" / grid / setting / variant / f"seed{seed}"
+    result_path = run_dir / "result.json"
+    key = _settings_key(budget, config, overrides)
+    if result_path.is_file():
+        cached = json.loads(result_path.read_text())
+        if cached.get("key") == key:
+            return cached
+    train_dir = run_dir / "run"
+    if train_dir.exists():  # an interrupted run of the study's own: redo it from scratch
+        import shutil
+
+        shutil.rmtree(train_dir)
+    cfg = load_config(config, overrides)
+    torch.set_num_threads(budget.threads)
+    start = time.perf_counter()
+    result = pretrain(cfg, train_dir, progress=False)
+    train_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    model, processor = load(result.model_dir)
+    store = EmbeddingStore(model, processor, batch_size=64)
+    manifest_records = read_manifest(manifest)
+    test, train = manifest_records.split("test"), manifest_records.split("train")
+    prompts = load_prompts("synthetic")
+    zs = zero_shot(store, test, prompts, bootstrap=budget.bootstrap, seed=seed)
+    zs.pop("scores"), zs.pop("labels")
+    rt = retrieval(store, test)
+    lp = probe(store, train, test, prompts.class_names, fractions=(0.01, 0.1, 1.0), seeds=budget.probe_seeds)
+    eval_s = time.perf_counter() - start
+    record = {
+        "key": key, "grid": grid, "setting": setting, "variant": variant, "label": label, "seed": seed,
+        "zeroshot": {"mean_auc": zs.get("mean_auc"), "mean_auc_ci": zs.get("mean_auc_ci"),
+                     "per_class_auc": zs.get("per_class_auc")},
+        "retrieval": {"i2t_R@10": rt["image_to_text"]["R@10"], "t2i_R@10": rt["text_to_image"]["R@10"],
+                      "chance_R@10": rt["chance"]["R@10"]},
+        "probe": {f: (lp["fractions"][f]["macro_auc"] or {}).get("mean") for f in lp["fractions"]},
+        "training": _training_summary(train_dir / "metrics.csv"),
+        "train_s": train_s, "eval_s": eval_s, "samples_per_s": result.samples_per_s,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _training_summary(metrics_csv: Path) -> dict:
+    """First/last values of the loss terms and monitors, and the gradient-norm rows, from metrics.csv."""
+    import csv
+
+    with metrics_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return {}
+
+    def number(value):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    columns = [c for c in rows[0] if c not in ("epoch", "samples_per_s", "skipped_nonfinite", "rejected_images")]
+    first, last = rows[0], rows[-1]
+    summary = {"first": {c: number(first.get(c)) for c in columns}, "last": {c: number(last.get(c)) for c in columns}}
+    summary["gradient_norms"] = [{c: number(r.get(c)) for c in ["step", *[c for c in r if c.startswith("gnorm_")]]}
+                                 for r in rows if any(r.get(c) for c in r if c.startswith("gnorm_"))]
+    summary["curve"] = [{c: number(r.get(c)) for c in ("step", "loss", "clip", "siglip", "loss_inter", "loss_intra",
+                                                       "nclip", "std_image", "std_text", "std_nc_image",
+                                                       "std_nc_text", "lambda_clip") if c in r} for r in rows]
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ data
+def dataset(out: Path, setting: str, patients: int) -> Path:
+    from medclipin.data.synthetic import generate_synthetic_dataset
+
+    loose, repetitive = SETTINGS[setting]
+    return generate_synthetic_dataset(out / "data" / setting, n_patients=patients, loose_fraction=loose,
+                                      repetitive_fraction=repetitive)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _mean_ci(values: list[float]) -> dict:
+    """Mean and the 95% confidence interval of the mean over seeds (Student t)."""
+    from scipy import stats
+
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return {"mean": None, "ci": None, "n": 0, "values": []}
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return {"mean": mean, "ci": None, "n": len(values), "values": values}
+    half = float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+    return {"mean": mean, "ci": [mean - half, mean + half], "half": half, "n": len(values), "values": values}
+
+
+METRICS = {  # column → (getter, heading)
+    "auc": (lambda r: r["zeroshot"]["mean_auc"], "zero-shot AUC"),
+    "i2t": (lambda r: r["retrieval"]["i2t_R@10"], "I→T R@10"),
+    "t2i": (lambda r: r["retrieval"]["t2i_R@10"], "T→I R@10"),
+    "probe1": (lambda r: r["probe"].get("0.01"), "probe 1%"),
+    "probe10": (lambda r: r["probe"].get("0.1"), "probe 10%"),
+    "probe100": (lambda r: r["probe"].get("1"), "probe 100%"),
+    "clip_last": (lambda r: (r["training"].get("last") or {}).get("clip")
+                  or (r["training"].get("last") or {}).get("siglip"), "final contrastive loss"),
+}
+
+
+def aggregate(results: list[dict]) -> dict:
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["grid"], r["setting"], r["variant"]), []).append(r)
+    table = {}
+    for (grid, setting, variant), runs in sorted(groups.items()):
+        table[f"{grid}/{setting}/{variant}"] = {
+            "grid": grid, "setting": setting, "variant": variant, "label": runs[0]["label"],
+            "seeds": sorted(r["seed"] for r in runs),
+            **{name: _mean_ci([get(r) for r in runs]) for name, (get, _) in METRICS.items()},
+            "train_s": float(np.mean([r["train_s"] for r in runs])),
+        }
+    return table
+
+
+def _fmt(entry: dict) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    if entry.get("half") is None:
+        return f"{entry['mean']:.3f}"
+    return f"{entry['mean']:.3f} ± {entry['half']:.3f}"
+
+
+def markdown(table: dict, budget: Budget) -> str:
+    lines = ["# CLIPin study: results", "",
+             f"Budget per run: {budget.steps} steps × batch {budget.batch_size}, {budget.image_size} px, max "
+             f"{budget.max_length} tokens, {budget.threads} threads. Mean ± 95% CI half-width over seeds (Student t; "
+             "n in the seeds column).", ""]
+    for grid in ("main", "stall"):
+        rows = [e for e in table.values() if e["grid"] == grid]
+        if not rows:
+            continue
+        lines += [f"## {grid}", "", "| setting | method | seeds | " + " | ".join(h for _, h in METRICS.values())
+                  + " | train s |", "|---" * (len(METRICS) + 4) + "|"]
+        for e in rows:
+            lines.append(f"| {e['setting']} | {e['label']} | {len(e['seeds'])} | "
+                         + " | ".join(_fmt(e[name]) for name in METRICS) + f" | {e['train_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: dict, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = {"clean": 0.0, "loose20": 0.2, "loose40": 0.4}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    drawn = False
+    for variant, (_, _, label) in METHODS.items():
+        for ax, metric in zip(axes, ("auc", "probe10")):
+            xs, ys, errs = [], [], []
+            for setting, fraction in fractions.items():
+                entry = table.get(f"main/{setting}/{variant}")
+                if entry and entry[metric]["mean"] is not None:
+                    xs.append(fraction * 100)
+                    ys.append(entry[metric]["mean"])
+                    errs.append(entry[metric].get("half") or 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, title in zip(axes, ("held-out zero-shot mean AUC", "linear probe AUC, 10% of labels")):
+        ax.set_xlabel("loose train pairs (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("CLIPin study: accuracy against the share of loose image–report pairs (mean ± 95% CI, 3 seeds)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ driver
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m medclipin.experiments.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="study folder (data, runs, results; resumable)")
+    parser.add_argument("--grid", choices=["main", "stall", "all"], default="all")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--variants", nargs="+", default=None, help="restrict to these methods / stall variants")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=Budget.steps)
+    parser.add_argument("--image-size", type=int, default=Budget.image_size)
+    parser.add_argument("--patients", type=int, default=Budget.patients)
+    parser.add_argument("--threads", type=int, default=Budget.threads)
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and the plot")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = Budget(steps=args.steps, image_size=args.image_size, patients=args.patients, threads=args.threads,
+                    extra=list(args.overrides))
+    plan = []
+    if args.grid in ("main", "all"):
+        plan += [("main", s, v, seed) for seed in args.seeds for s in args.settings for v in METHODS]
+    if args.grid in ("stall", "all"):
+        plan += [("stall", "clean", v, seed) for seed in args.seeds for v in STALL]
+    if args.variants:
+        plan = [p for p in plan if p[2] in args.variants]
+    results = []
+    for index, (grid, setting, variant, seed) in enumerate(plan, 1):
+        result_path = out / "runs" / grid / setting / variant / f"seed{seed}" / "result.json"
+        if args.report_only:
+            if result_path.is_file():
+                results.append(json.loads(result_path.read_text()))
+            continue
+        manifest = dataset(out, setting, budget.patients)
+        start = time.perf_counter()
+        record = run_one(out, grid, setting, variant, seed, manifest, budget)
+        results.append(record)
+        log.info("[%d/%d] %s/%s/%s seed %d: AUC %.3f, R@10 %.3f/%.3f, probe10 %s (%.0f s)", index, len(plan), grid,
+                 setting, variant, seed, record["zeroshot"]["mean_auc"] or float("nan"),
+                 record["retrieval"]["i2t_R@10"], record["retrieval"]["t2i_R@10"], record["probe"].get("0.1"),
+                 time.perf_counter() - start)
+        _write(out, results, budget)
+    _write(out, results, budget)
+    print(f"wrote {out / 'study.md'}, {out / 'results.json'}")
+    return 0
+
+
+def _write(out: Path, results: list[dict], budget: Budget) -> None:
+    table = aggregate(results)
+    (out / "results.json").write_text(json.dumps({"budget": budget.__dict__, "machine": _machine(), "table": table,
+                                                  "runs": results}, indent=2, default=str))
+    (out / "study.md").write_text(markdown(table, budget))
+    plot(table, out / "auc_vs_loose.png")
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor(),
+            "threads": torch.get_num_threads()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
