@@ -74,7 +74,7 @@ def test_saved_model_folder_follows_the_umask(tmp_path, umask):
     from test_train_support import tiny_config
 
     cfg = tiny_config()
-    model = MedClipModel(cfg.model, cfg.data.image, cfg.data.text, vocab_size=200)
+    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels, vocab_size=200)
     folder = model.save_pretrained(tmp_path / "run" / "model")
     assert _mode(folder) == 0o777 & ~umask
     assert (folder / "model.safetensors").is_file()

@@ -47,12 +47,27 @@ def test_missing_image_and_empty_text_are_skipped_and_counted(records, processor
     assert len(ImageTextDataset(broken[1:] + records[2:], processor, require_text=False)) == len(records) - 1
 
 
-def test_two_views_are_independent_and_reproducible(records, processor):
+def _augmented_text_views(processor):
+    text = dataclasses.replace(processor.text_cfg, view_shuffle=True, view_drop_prob=0.2)
+    return Processor(processor.image_cfg, text, processor.tokenizer)
+
+
+def test_second_text_view_is_the_same_report_by_default(records, processor):
+    """The reference code's t2 = t1: no second text is made, and the batch has none (the target reuses t1)."""
     dataset = ImageTextDataset(records, processor, train=True, two_views=True, seed=3)
+    item = dataset[0]
+    assert "image_2" in item and "text_2" not in item
+    batch = TextImageCollator(processor)([dataset[i] for i in range(3)])
+    assert "image_2" in batch and "input_ids_2" not in batch
+
+
+def test_two_views_are_independent_and_reproducible(records, processor):
+    augmented = _augmented_text_views(processor)
+    dataset = ImageTextDataset(records, augmented, train=True, two_views=True, seed=3)
     item = dataset[0]
     assert item["image"].shape == (1, 48, 48)
     assert not torch.equal(item["image"], item["image_2"])  # independent augmentations
-    again = ImageTextDataset(records, processor, train=True, two_views=True, seed=3)[0]
+    again = ImageTextDataset(records, augmented, train=True, two_views=True, seed=3)[0]
     assert torch.equal(item["image"], again["image"]) and item["text_2"] == again["text_2"]
     assert item["rejected"] == []
     dataset.set_epoch(1)
@@ -69,7 +84,8 @@ def test_evaluation_is_deterministic(records, processor):
 
 
 def test_collator_tokenizes_both_text_views(records, processor):
-    short = Processor(IMAGE, dataclasses.replace(TEXT, max_length=16), processor.tokenizer)
+    short = Processor(IMAGE, dataclasses.replace(TEXT, max_length=16, view_shuffle=True, view_drop_prob=0.2),
+                      processor.tokenizer)
     dataset = ImageTextDataset(records, short, train=True, two_views=True)
     batch = TextImageCollator(short)([dataset[i] for i in range(3)])
     assert batch["image"].shape == batch["image_2"].shape == (3, 1, 48, 48)

@@ -659,10 +659,10 @@ def test_fundus_config_augments_a_real_fundus_photo_like_a_fundus(shared_data):
 @pytest.mark.parametrize("stem", TINY)
 def test_tiny_configs_build(stem):
     cfg = load_config(REPO / "configs" / f"{stem}.yaml")
-    demo = load_config(REPO / "configs" / "demo.yaml")
-    assert cfg.model.image_encoder == demo.model.image_encoder
-    assert cfg.model.text_encoder == demo.model.text_encoder
-    assert cfg.model.contrastive.embed_dim == demo.model.contrastive.embed_dim
+    base = load_config(REPO / "configs" / "tiny_clip.yaml")  # the tiny family shares its from-scratch towers
+    assert cfg.model.image_encoder == base.model.image_encoder and not cfg.model.image_encoder.pretrained
+    assert cfg.model.text_encoder == base.model.text_encoder and not cfg.model.text_encoder.pretrained
+    assert cfg.model.contrastive.embed_dim == base.model.contrastive.embed_dim
     cfg.data.image.size = 32  # construction only; keeps the test fast
     model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels, vocab_size=VOCAB)
     objective = TrainingObjective(model, cfg.model)

@@ -242,8 +242,12 @@ def test_metrics_log_appends_and_truncates_torn_rows(tmp_path):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3"]
     again = MetricsLog(tmp_path / "metrics.csv")
-    again.write({"step": 4, "loss": 0.25, "lr": 0.1, "extra": 1})  # columns stay those of the file
+    again.write({"step": 4, "loss": 0.25, "lr": 0.1})  # a resumed run appends under the file's columns
     assert (tmp_path / "metrics.csv").read_text().splitlines()[-1] == "4,0.25,0.1"
+    # a column that appears later (a monitor logged every N steps) widens the file; nothing is dropped
+    again.write({"step": 5, "loss": 0.2, "lr": 0.1, "gnorm_image_clip": 2.5})
+    lines = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,gnorm_image_clip" and lines[1] == "1,1.0,0.1," and lines[-1] == "5,0.2,0.1,2.5"
 
 
 def test_progress_plain_lines_have_rate_and_eta():
