@@ -224,6 +224,9 @@ class TrainConfig:
     validate_every: int = 0  # 0 = only at the end
     max_nonfinite_steps: int = 5
     deterministic: bool = False
+    # start from a trained medclipin model (a model, run or checkpoint folder; same architecture), e.g. to
+    # fine-tune the demo model on your own data; "" = the towers' pretrained weights
+    init_from: str = ""
     # every N steps log each loss term's gradient norm on the image and text trunks (tower + pre-projector):
     # gnorm_<trunk>_<term> in metrics.csv; one extra backward per term on those steps (0 = off)
     grad_monitor_every: int = 0

@@ -94,6 +94,20 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], is_mai
     return load_tokenizer(str(folder))
 
 
+def init_from_model(model: MedClipModel, path: str) -> None:
+    """Start from a trained medclipin model (``train.init_from``: a model, run or checkpoint folder), e.g. to
+    fine-tune the demo model on your own data. Its architecture must be the configured one."""
+    from medclipin.api import resolve_model_dir
+    from medclipin.models.model import WEIGHTS_NAME, _load_weights
+
+    folder = resolve_model_dir(path)
+    try:
+        _load_weights(model, folder / WEIGHTS_NAME, "cpu")
+    except MedclipinError as exc:
+        raise MedclipinError(f"train.init_from={path}: {exc}") from None
+    log.info("initialised the model from %s", folder)
+
+
 def prepare_processor(cfg: Config, run_dir: Path, train_records: list, is_main: bool = True) -> Processor:
     """The run's processor: resolved image normalisation, the tokenizer (:func:`prepare_tokenizer`), text settings."""
     resolve_normalization(cfg)
@@ -252,7 +266,9 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
                                      vocab_size=processor.vocab_size)
-    objective = TrainingObjective(model, cfg.model)
+    if tcfg.init_from and start_path is None:
+        init_from_model(model, tcfg.init_from)
+    objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
     if cfg.model.clipin.enabled and cfg.model.clipin.sync_batchnorm and dist_info.enabled:
         objective.convert_sync_batchnorm(device)
     objective.to(device)
