@@ -206,13 +206,15 @@ def _is_image_path(value: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------- Grad-CAM
-def explain(model: MedClipModel, processor: Processor, image, text: str):
+def explain(model: MedClipModel, processor: Processor, image, text: str, contrast: str | None = None,
+            method: str = "hirescam"):
     """Multimodal Grad-CAM: where in ``image`` (a file path or an array) and which words of ``text`` drive
-    their similarity. Returns an :class:`~medclipin.eval.gradcam.Explanation`; save it with
+    their similarity — or, with ``contrast`` (e.g. ``"no pleural effusion"``), what makes the model prefer
+    ``text`` over ``contrast``. Returns an :class:`~medclipin.eval.gradcam.Explanation`; save it with
     :func:`medclipin.eval.gradcam.save_explanation`."""
     from medclipin.eval.gradcam import explain as _explain
 
-    return _explain(model, processor, image, text)
+    return _explain(model, processor, image, text, contrast=contrast, method=method)
 
 
 __all__ = ["load", "load_processor", "resolve_model_dir", "embed_images", "embed_texts", "zero_shot",

@@ -31,6 +31,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image", default=None, help="single mode: an image file (DICOM/PNG/JPEG)")
     parser.add_argument("--text", default=None, help="single mode: the finding or sentence to explain")
+    parser.add_argument("--contrast", default=None,
+                        help='single mode: explain --text rather than this text, e.g. --text "pleural effusion" '
+                             '--contrast "no pleural effusion" (what makes the model prefer one over the other)')
     parser.add_argument("--box", type=float, nargs=4, action="append", metavar=("X0", "Y0", "X1", "Y1"),
                         help="single mode: a lesion box in original-image pixels (repeatable) for the pointing game/IoU")
     parser.add_argument("--prompts", default=None,
@@ -74,7 +77,7 @@ def _single(args) -> int:
     out = Path(args.out)
     store, model_dir, cache_dir = open_store(args, out)
     explanation = explain(store.model, store.processor, args.image, args.text, image_cache=args.image_cache,
-                          method=args.method,
+                          method=args.method, contrast=args.contrast,
                           store=store)
     boxes = [tuple(b) for b in (args.box or [])]
     files = save_explanation(explanation, out / "gradcam.png", boxes=boxes)
@@ -89,6 +92,7 @@ def _single(args) -> int:
     summary = {
         "run": run_info(args, store, model_dir, cache_dir),
         "image": str(args.image), "text": args.text, "similarity": explanation.similarity,
+        "contrast": args.contrast, "contrast_similarity": explanation.contrast_similarity,
         "words": [{"word": w, "relevance": float(s)} for w, s in zip(explanation.relevance.words, explanation.relevance.scores)],
         "cam_peak_original_xy": [int(v) for v in np.unravel_index(int(np.argmax(explanation.cam_original)),
                                                                    explanation.cam_original.shape)[::-1]],

@@ -202,7 +202,8 @@ def _pair_figure(path: Path, record: Record, box, cam: np.ndarray, mapped, sourc
     except (ImageReadError, OSError):  # e.g. only the decode-once cache is available
         image, cam_shown, box_shown, image_title = display_image(shown, image_cfg), cam, mapped, "model input"
     save_gradcam_figure(path, image, cam_shown, relevance, title=title, box=box_shown, image_title=image_title,
-                        text_title="report, words shaded by relevance to this image")
+                        text_title="report, words shaded by relevance to this image",
+                        map_title="what favours the finding" if " vs. " in prompt else "where the match comes from")
     np.savez_compressed(path.with_suffix(".npz"), cam=cam, cam_shown=cam_shown, box_input=np.array(mapped),
                         words=np.array(relevance.words, dtype=str), word_scores=relevance.scores,
                         word_signed=relevance.signed)

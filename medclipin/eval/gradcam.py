@@ -174,7 +174,8 @@ def cam_box_iou(cam: np.ndarray, box, threshold: float = 0.5) -> float:
 
 def save_gradcam_figure(path: str | Path, image: np.ndarray, cam: np.ndarray, relevance: TextRelevance | None,
                         title: str = "", box=None, boxes=None, image_title: str = "image",
-                        text_title: str = "which words drive the match") -> Path:
+                        text_title: str = "which words drive the match",
+                        map_title: str = "where the match comes from") -> Path:
     """One PNG for people: the image, the overlay, and the text with words shaded by relevance.
 
     Args:
@@ -197,7 +198,7 @@ def save_gradcam_figure(path: str | Path, image: np.ndarray, cam: np.ndarray, re
     axes[1].imshow(image.mean(-1) if colour else image, cmap="gray", vmin=0, vmax=1)
     # near-zero contribution is left uncoloured, so the anatomy stays visible under the map
     shown = axes[1].imshow(np.ma.masked_less(cam, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    axes[1].set_title("where the match comes from")
+    axes[1].set_title(map_title)
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04, label="relative contribution")
     for rect in ([box] if box is not None else []) + list(boxes or []):
         for ax in axes[:2]:
@@ -255,6 +256,8 @@ class Explanation:
     relevance: TextRelevance
     geometry: object  # GeometryInfo: original → geometry-normalised pixels
     source_side: int  # side of the geometry-normalised image
+    contrast: str | None = None  # the text the map was contrasted with ("no pleural effusion"), if any
+    contrast_similarity: float | None = None  # cosine similarity of the image to the contrast text
 
 
 def cam_to_original(cam: np.ndarray, geometry, source_side: int, original_shape: tuple[int, int]) -> np.ndarray:
@@ -312,7 +315,7 @@ def text_embedding(model: MedClipModel, processor, text: str) -> torch.Tensor:
 
 
 def explain(model: MedClipModel, processor, image, text: str, image_cache: str = "", store=None,
-            method: str = DEFAULT_CAM_METHOD) -> Explanation:
+            method: str = DEFAULT_CAM_METHOD, contrast: str | None = None) -> Explanation:
     """Where in ``image`` and which words of ``text`` drive their similarity, for this model.
 
     ``image`` is a file path (decoded with :func:`~medclipin.data.readers.read_image` for display and
@@ -322,19 +325,27 @@ def explain(model: MedClipModel, processor, image, text: str, image_cache: str =
     Args:
         store: an :class:`~medclipin.eval.embeddings.EmbeddingStore` of this model; when given, the text
             embedding is read through it (cached like every other evaluation's).
+        method: the class-activation method (:data:`CAM_METHODS`).
+        contrast: explain s(image, text) − s(image, contrast) instead of s(image, text): with
+            ``text="pleural effusion"``, ``contrast="no pleural effusion"`` the map shows what makes the model
+            prefer the finding over its absence — the zero-shot decision — rather than everything the image
+            shares with any sentence about a chest.
     """
     from medclipin.data.readers import read_image
 
     model.eval()
     tensor, pixels, geometry = model_input(processor, image, image_cache)
     device = next(model.parameters()).device
-    if store is not None:
-        embedding = store.texts([text])[0].to(device)
-    else:
-        embedding = text_embedding(model, processor, text)
-    cam = image_cam(model, tensor[None].to(device), embedding[None], method=method)[0]
+    def embed(sentence: str) -> torch.Tensor:
+        return store.texts([sentence])[0].to(device) if store is not None else text_embedding(model, processor, sentence)
+
+    embedding = embed(text)
+    direction = embedding - embed(contrast) if contrast else embedding
+    cam = image_cam(model, tensor[None].to(device), direction[None], method=method)[0]
     with torch.no_grad():
-        similarity = float((model.encode_image(tensor[None].to(device))[0] * embedding).sum())
+        image_embedding = model.encode_image(tensor[None].to(device))[0]
+        similarity = float((image_embedding * embedding).sum())
+        contrast_similarity = float((image_embedding * (embedding - direction)).sum()) if contrast else None
     relevance = text_relevance(model, processor, tensor, text)
     if isinstance(image, (str, os.PathLike)):
         original = read_image(image, window=processor.image_cfg.window).pixels
@@ -343,7 +354,8 @@ def explain(model: MedClipModel, processor, image, text: str, image_cache: str =
     cam_original = cam_to_original(cam, geometry, pixels.shape[0], original.shape[:2])
     return Explanation(text=text, similarity=similarity, cam=cam, cam_original=cam_original,
                        model_input=display_image(tensor, processor.image_cfg), original=original,
-                       relevance=relevance, geometry=geometry, source_side=int(pixels.shape[0]))
+                       relevance=relevance, geometry=geometry, source_side=int(pixels.shape[0]),
+                       contrast=contrast, contrast_similarity=contrast_similarity)
 
 
 def save_explanation(explanation: Explanation, png_path: str | Path, boxes=None, title: str | None = None) -> dict:
@@ -355,11 +367,15 @@ def save_explanation(explanation: Explanation, png_path: str | Path, boxes=None,
     Returns: ``{"png": path, "npz": path}``.
     """
     png_path = Path(png_path)
-    if title is None:
+    if title is None and explanation.contrast:
+        title = (f"\"{explanation.text}\" ({explanation.similarity:+.3f}) rather than \"{explanation.contrast}\" "
+                 f"({explanation.contrast_similarity:+.3f}): cosine similarities")
+    elif title is None:
         title = f"similarity {explanation.similarity:+.3f} (cosine; higher = better match)"
+    map_title = "what favours the text over its contrast" if explanation.contrast else "where the match comes from"
     save_gradcam_figure(png_path, explanation.original, explanation.cam_original, explanation.relevance,
                         title=title, boxes=boxes, image_title="original image",
-                        text_title="text, words shaded by relevance")
+                        text_title="text, words shaded by relevance", map_title=map_title)
     npz_path = png_path.with_suffix(".npz")
     np.savez_compressed(
         npz_path, cam=explanation.cam, cam_original=explanation.cam_original,

@@ -1,1 +1,1 @@
-"""Experiments that compare methods end to end (``python -m medclipin.experiments.compare``)."""
+"""Experiments that compare methods end to end (``python -m medclipin.experiments.study``)."""
