@@ -183,24 +183,25 @@ def build_open_clip_model(cfg: Config) -> nn.Module:
     from open_clip.model import CustomTextCLIP
     from transformers import BertConfig
 
-    from medclipin.models.encoders import ImageEncoder
+    from medclipin.models.encoders import ImageEncoder, is_vit_like
 
     embed_dim = cfg.model.contrastive.embed_dim
     enc = cfg.model.image_encoder
     # medclipin's pooling, in open_clip's pooler names (BERT's own pooler layer is left out, as in medclipin)
     pooler = {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}[cfg.model.text_encoder.pooling]
+    # the very timm trunk medclipin builds (same create_model kwargs), wrapped by open_clip's TimmModel
+    medclipin_image = ImageEncoder(enc, in_chans=cfg.data.image.channels, image_size=cfg.data.image.size)
+    timm_pool = "token" if is_vit_like(medclipin_image.model) else "avg"
     with tempfile.TemporaryDirectory() as folder:
         text_hf_config(cfg).save_pretrained(folder)
         model = CustomTextCLIP(
             embed_dim,
-            vision_cfg={"timm_model_name": enc.name, "timm_model_pretrained": False, "timm_pool": "token",
+            vision_cfg={"timm_model_name": enc.name, "timm_model_pretrained": False, "timm_pool": timm_pool,
                         "timm_proj": "linear", "image_size": cfg.data.image.size},
             text_cfg={"hf_model_name": folder, "hf_model_pretrained": False, "hf_proj_type": "linear",
                       "hf_pooler_type": pooler,
                       "context_length": cfg.data.text.max_length, "vocab_size": vocab_size(cfg)},
         )
-    # the very timm trunk medclipin builds (same create_model kwargs), wrapped by open_clip's TimmModel
-    medclipin_image = ImageEncoder(enc, in_chans=cfg.data.image.channels, image_size=cfg.data.image.size)
     if getattr(medclipin_image, "replicate_channels", 1) > 1:
         raise ValueError(f"{enc.name} does not take {cfg.data.image.channels}-channel input natively")
     trunk = medclipin_image.model
@@ -304,11 +305,13 @@ def _describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
     return f"{type(optimizer).__name__}({', '.join(flags) or 'for-loop'})"
 
 
-def _timm_fused_attn(vit: nn.Module):
-    blocks = getattr(vit, "blocks", None)
-    if not blocks:
+def _timm_fused_attn(tower: nn.Module):
+    """Whether a timm ViT uses fused attention; None for towers without attention blocks (CNNs)."""
+    blocks = getattr(tower, "blocks", None)
+    attention = getattr(blocks[0], "attn", None) if blocks else None
+    if attention is None:
         return None
-    return bool(getattr(blocks[0].attn, "fused_attn", False))
+    return bool(getattr(attention, "fused_attn", False))
 
 
 def _hf_attn(hf_model: nn.Module):
