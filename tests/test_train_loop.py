@@ -201,17 +201,28 @@ def test_torch_compile_runs_a_step(tmp_path, monkeypatch):
 
 def test_resume_choices(tmp_path):
     cfg = tiny_config("train.steps=2", clipin=False)
-    # auto with nothing to resume from starts at step 0 (and clears a stale log of a killed first attempt)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.csv").write_text("step,loss\n1,9.0\n2,9.0\n3,9")
-    assert pretrain(cfg, tmp_path / "run", resume="auto", progress=False).steps == 2
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == ["1", "2"]
-    # an explicit checkpoint folder continues from it, here to a longer run
+    run = tmp_path / "run"
+
+    # a first attempt that died before its first checkpoint (here: its first validation failed)
+    def crash(model, processor, step):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(tiny_config("train.steps=2", "train.validate_every=1", "train.checkpoint_every=5", clipin=False),
+                 run, progress=False, validate_fn=crash)
+    assert not ckpt.list_checkpoints(run) and (run / "config.yaml").is_file()
+    (run / "metrics.csv").write_text("step,loss\n1,9.0\n2,9.0\n3,9")  # and a torn log
+    # auto with nothing to resume from starts at step 0 and redoes the attempt's files; validate_every and
+    # checkpoint_every only change how the run is watched, so they may differ
+    assert pretrain(cfg, run, resume="auto", progress=False).steps == 2
+    assert [r["step"] for r in read_metrics(run)] == ["1", "2"]
+    # an explicit checkpoint folder continues from it, here to a longer run: another run's math, so another folder
     longer = tiny_config("train.steps=3", clipin=False)
-    start = ckpt.latest_checkpoint(tmp_path / "run")
-    result = pretrain(longer, tmp_path / "run", resume=str(start), progress=False)
-    assert result.steps == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == ["1", "2", "3"]
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    start = ckpt.latest_checkpoint(run)
+    result = pretrain(longer, tmp_path / "longer", resume=str(start), progress=False)
+    assert result.steps == 3 and [r["step"] for r in read_metrics(tmp_path / "longer")] == ["3"]
+    assert load_config(tmp_path / "longer" / "config.yaml").train.steps == 3
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         pretrain(cfg, tmp_path / "other", resume=str(tmp_path / "nowhere"), progress=False)
 
 

@@ -77,6 +77,9 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 def save_checkpoint(run_dir, step: int, objective, processor, training_state: dict, keep: int = 3) -> Path:
     """Write a complete checkpoint atomically, then delete all but the newest ``keep``.
 
+    Staging folders of saves that were killed are left alone here: the trainer removes them when it takes
+    the run folder's lock (:func:`medclipin.train.run_folder.claim`), where no other save can be running.
+
     Args:
         objective: the :class:`~medclipin.train.objective.TrainingObjective` (its ``model`` goes to ``model/``).
         processor: saved beside the model, so ``model/`` is a complete model folder.
@@ -85,7 +88,6 @@ def save_checkpoint(run_dir, step: int, objective, processor, training_state: di
 
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(final.parent)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step:08d}.tmp"))
     try:
         objective.model.save_pretrained(staging / "model", processor=processor)
@@ -100,13 +102,6 @@ def save_checkpoint(run_dir, step: int, objective, processor, training_state: di
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _remove_stale_staging(folder: Path) -> None:
-    # left by a save that was killed; only the main process writes checkpoints, so none is in progress
-    for path in folder.glob(".step_*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:
