@@ -25,7 +25,8 @@ import torch
 
 from medclipin.atomic import replace_directory
 from medclipin.errors import MedclipinError
-from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, read_model_config, _load_weights
+from medclipin.models.model import (CONFIG_NAME, WEIGHTS_NAME, ModelFolderError, WeightsMismatchError,
+                                    check_weights_match, read_model_config, read_safetensors_header, _load_weights)
 
 log = logging.getLogger(__name__)
 STATE_NAME = "training_state.pt"
@@ -154,17 +155,30 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def load_training_state(path: Path) -> dict:
-    """The training state (optimizer, scheduler, scaler, RNG, counters); tensors and plain values only."""
-    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    """The training state (optimizer, scheduler, scaler, RNG, counters); tensors and plain values only.
+
+    Raises:
+        CheckpointError: the file cannot be read (truncated, tampered, or not a training state).
+    """
+    import pickle
+
+    try:
+        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path / STATE_NAME}: cannot be read ({problem}); resume from an earlier "
+                              "checkpoint") from None
 
 
 def load_checkpoint_weights(objective, path: Path) -> None:
-    """Load a checkpoint's model and objective tensors into an already built objective (strict, shapes checked).
+    """Load a checkpoint's model and objective tensors into an already built objective (strict; names and
+    shapes are checked from the files' headers before any tensor is read).
 
     Raises:
-        CheckpointError: the checkpoint predates the model/objective split (format 1), or does not match
-            the configuration (another architecture or objective).
+        CheckpointError: the checkpoint predates the model/objective split (format 1), does not match the
+            configuration (another architecture or objective), or a file in it is corrupt.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     saved = read_model_config(path / "model")
@@ -172,8 +186,17 @@ def load_checkpoint_weights(objective, path: Path) -> None:
         raise CheckpointError(
             f"{path}: written by medclipin before the model/objective split (format 1). Its model/ folder loads "
             "for evaluation (medclipin.load), but training cannot resume from it: start a new run folder")
+    objective_file = path / OBJECTIVE_NAME
     try:
         _load_weights(objective.model, path / "model" / WEIGHTS_NAME, "cpu")
-        objective.load_training_state_dict(load_file(str(path / OBJECTIVE_NAME)))
-    except (ValueError, MedclipinError) as exc:
+        expected = {k: tuple(v.shape) for k, v in objective.training_state_dict().items()}
+        check_weights_match(expected, read_safetensors_header(objective_file), objective_file, "this run's configuration")
+        try:
+            state = load_file(str(objective_file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelFolderError(f"{objective_file}: cannot read weights ({exc})") from None
+        objective.load_training_state_dict(state)
+    except (WeightsMismatchError, ValueError) as exc:
         raise CheckpointError(f"{path}: does not match this run's configuration ({exc})") from None
+    except MedclipinError as exc:
+        raise CheckpointError(f"{path}: cannot be resumed from ({exc})") from None
