@@ -366,3 +366,30 @@ def test_resume_after_a_checkpoint_with_validation_repeats_the_uninterrupted_los
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
     lines = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
+
+
+def test_validation_does_not_change_the_training_run(tmp_path):
+    """How often a run is validated only changes how it is watched (a resume may change train.validate_every):
+    validation leaves every RNG stream as it found it, so the losses are those of a run never validated."""
+    import random
+
+    import numpy as np
+
+    from medclipin.data.manifest import read_manifest
+    from medclipin.train.validation import build_validate_fn
+
+    dropout = ("model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+               "intermediate_size: 64, hidden_dropout_prob: 0.1, attention_probs_dropout_prob: 0.1}")
+    plain = tiny_config("train.steps=4", dropout)
+    validated = tiny_config("train.steps=4", "train.validate_every=1", dropout)
+    validate = build_validate_fn(validated, read_manifest(validated.data.manifest).split("validate"))
+
+    def validate_and_draw(model, processor, step):  # a validation that draws from every global stream
+        torch.rand(3), np.random.rand(3), random.random()
+        return validate(model, processor, step)
+
+    pretrain(plain, tmp_path / "plain", progress=False)
+    pretrain(validated, tmp_path / "validated", progress=False, validate_fn=validate_and_draw)
+    assert len((tmp_path / "validated" / "validation.jsonl").read_text().splitlines()) == 4
+    expected = [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "validated")] == expected

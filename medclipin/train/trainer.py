@@ -536,10 +536,14 @@ def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn,
     if dist_info.is_main:
         was_training = model.training
         model.eval()
+        # validation only watches the run: its draws (a DataLoader seeds itself from torch's global RNG) must not
+        # move the streams training uses, or train.validate_every would change the losses
+        streams = ckpt.rng_state()
         try:
             with torch.no_grad():
                 result = {k: float(v) for k, v in validate_fn(model, processor, step).items()}
         finally:
+            ckpt.set_rng_state(streams)
             model.train(was_training)
         with (run_dir / "validation.jsonl").open("a") as handle:
             handle.write(json.dumps({"step": step, **result}) + "\n")
