@@ -393,3 +393,26 @@ def test_validation_does_not_change_the_training_run(tmp_path):
     assert len((tmp_path / "validated" / "validation.jsonl").read_text().splitlines()) == 4
     expected = [r["loss"] for r in read_metrics(tmp_path / "plain")]
     assert [r["loss"] for r in read_metrics(tmp_path / "validated")] == expected
+
+
+def test_a_resume_redoes_a_final_validation_that_failed(tmp_path):
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=5", clipin=False)
+
+    def crash(model, processor, step):
+        raise RuntimeError("validation crashed")
+
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        pretrain(cfg, tmp_path / "run", progress=False, validate_fn=crash)
+    seen = []
+
+    def validate(model, processor, step):
+        seen.append(step)
+        return {"score": 0.5}
+
+    result = pretrain(cfg, tmp_path / "run", resume="auto", progress=False, validate_fn=validate)
+    assert result.steps == 2 and seen == [2] and result.best == {"step": 2, "score": 0.5}
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()] == [2]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # done once: a further resume has nothing left to do
+    assert pretrain(cfg, tmp_path / "run", resume="auto", progress=False, validate_fn=validate).steps == 2
+    assert seen == [2]
