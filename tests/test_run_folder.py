@@ -245,3 +245,13 @@ def test_the_demo_replaces_its_own_previous_run_but_never_a_users_folder(tmp_pat
             discard(tmp_path / "previous")
     assert discard(tmp_path / "previous") and [p.name for p in (tmp_path / "previous").iterdir()] == [LOCK_NAME]
     assert not discard(tmp_path / "nothing-here")
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    from test_output_paths import _read_only_dir
+
+    config = config_file(tmp_path, tiny_config("train.steps=1", clipin=False))
+    (tmp_path / "a-file").write_text("x")
+    for out in (tmp_path / "a-file", tmp_path / "a-file" / "run", _read_only_dir(tmp_path)):
+        assert pretrain_cli(config, out) == 2
+        assert str(out) in one_line_error(capsys)

@@ -18,6 +18,7 @@ Three promises, kept here before a run writes anything into ``RUN``:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -26,12 +27,15 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from medclipin.atomic import check_output_dir
 from medclipin.config import Config, ConfigError, config_to_dict, load_config, save_config
 from medclipin.errors import MedclipinError
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".medclipin.lock"
+# flock errors that mean "this file system has no locks", not "someone holds it"
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 CONFIG_NAME = "config.yaml"
 
 # What a resume may change: how the run is logged, checkpointed, validated, paced and stored, never what it
@@ -101,6 +105,13 @@ class RunLock:
             raise RunFolderInUseError(
                 f"{self.run_dir}: in use by another medclipin run ({holder}); wait for it to end or stop it, "
                 "or choose another folder (the lock goes when that process ends)") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                os.close(fd)
+                raise
+            # e.g. Lustre mounted without -o flock: run unlocked rather than not at all, and say so
+            log.warning("%s: the file system does not support locks (%s): this run folder is not protected "
+                        "against a second run", self.run_dir, exc.strerror)
         except BaseException:
             os.close(fd)
             raise
@@ -116,6 +127,8 @@ class RunLock:
 
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError:  # no locks on this file system (see acquire); closing is what matters
+            pass
         finally:
             os.close(self._fd)
             self._fd = None
@@ -269,6 +282,7 @@ def claim(run_dir: str | os.PathLike, cfg: Config, resume: str) -> RunLock:
     """
     run_dir = Path(run_dir)
     check_folder(run_dir, resume)  # before the lock file exists: a user's folder gets nothing
+    check_output_dir(run_dir)  # a read-only place: one line now, not a traceback from mkdir
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
     try:
