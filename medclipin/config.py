@@ -455,5 +455,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    with Path(path).open("w", encoding="utf-8") as handle:
+    """Write the resolved configuration as YAML (replaced in one rename: never half a file)."""
+    from medclipin.atomic import atomic_open
+
+    with atomic_open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from medclipin.eval.embeddings import EmbeddingStore
 from medclipin.eval.evaluate import evaluate
 from medclipin.eval.zeroshot import load_prompts
 from medclipin.eval.report import plot_learning_curves
+from medclipin.train.run_folder import discard as discard_run
 from medclipin.train.supervised import read_ceiling
 from medclipin.train.trainer import pretrain
 from medclipin.train.validation import build_validate_fn
@@ -49,6 +49,10 @@ def run_demo(out_dir: str | Path, config_path: str | Path | None = None, overrid
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = out_dir / "run"
+    # a demo is a fresh run (its data folder is what gets reused): the previous demo run goes, anything else stays
+    if discard_run(run_dir):
+        log.warning("removed the previous demo run in %s", run_dir)
     start = time.perf_counter()
     config_path = config_path or DEMO_CONFIG
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
@@ -59,10 +63,6 @@ def run_demo(out_dir: str | Path, config_path: str | Path | None = None, overrid
     cfg: Config = load_config(config_path, [f"data.manifest={manifest_path}", *(overrides or [])])
     if not cfg.eval.prompts:
         cfg.eval.prompts = SYNTHETIC_PROMPTS
-    run_dir = out_dir / "run"
-    if run_dir.exists():  # a demo is a fresh run; its data folder is what gets reused
-        log.warning("replacing the previous demo run in %s", run_dir)
-        shutil.rmtree(run_dir)
     train_start = time.perf_counter()
     validate_fn = build_validate_fn(cfg, read_manifest(manifest_path).split("validate"))
     result = pretrain(cfg, run_dir, progress=progress, validate_fn=validate_fn)

@@ -138,8 +138,13 @@ def test_half_written_checkpoints_are_ignored(tmp_path, tiny_model):
     (broken / ckpt.STATE_NAME).write_bytes(b"")
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
-    # the next save cleans up the stale staging folder
+    # a save never removes another save's staging folder (it could belong to a live run) ...
     ckpt.save_checkpoint(tmp_path, 8, tiny_model, None, fake_state(), keep=5)
+    assert staging.exists() and ckpt.latest_checkpoint(tmp_path).name == "step_00000008"
+    # ... the next run does, once it holds the folder's lock
+    from medclipin.train.run_folder import claim
+
+    claim(tmp_path, tiny_model_config(), resume="auto").release()
     assert not staging.exists() and ckpt.latest_checkpoint(tmp_path).name == "step_00000008"
     assert ckpt.latest_checkpoint(tmp_path / "nothing-here") is None
 

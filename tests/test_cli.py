@@ -62,3 +62,24 @@ def test_every_user_error_exits_2_with_its_message(capsys, tmp_path):
     demo_config = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     assert main(["pretrain", "--config", demo_config, "--out", str(tmp_path / "run"), "train.batchsize=3"]) == 2
     assert "did you mean 'train.batch_size'" in capsys.readouterr().err
+
+
+def test_yaml_tags_in_configs_overrides_and_prompts_are_one_line_errors_and_never_run(capsys, tmp_path):
+    """YAML is read with yaml.safe_load everywhere: a python/object tag is refused, never constructed."""
+    marker = tmp_path / "executed"
+    tag = f'!!python/object/apply:os.system ["touch {marker}"]'
+    config = tmp_path / "config.yaml"
+    config.write_text(f"train:\n  steps: {tag}\n")
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(f"name: x\nmode: multilabel\ntemplates: {tag}\nclasses: {{}}\n")
+    demo_config = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    for argv, named in (
+        (["pretrain", "--config", str(config), "--out", str(tmp_path / "a")], str(config)),
+        (["pretrain", "--config", demo_config, "--out", str(tmp_path / "b"), f"train.steps={tag}"], "train.steps="),
+        (["zeroshot", "--checkpoint", str(tmp_path), "--manifest", str(tmp_path / "m.csv"), "--prompts", str(prompts),
+          "--out", str(tmp_path / "c")], str(prompts)),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and named in err and "tag" in err, err
+    assert not marker.exists() and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

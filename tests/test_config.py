@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -158,3 +160,15 @@ def test_repository_configs_load():
 
     for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_yaml_is_only_ever_read_with_safe_load():
+    """Grep-able guarantee beside test_checkpoint's for weights: no YAML loader that can build Python objects."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "medclipin"
+    offenders = [f"{path.relative_to(package.parent)}: {match.group(0)}"
+                 for path in sorted(package.rglob("*.py"))
+                 for match in re.finditer(r"yaml\.(load|unsafe_load|full_load|load_all|unsafe_load_all)\(|"
+                                          r"yaml\.(Unsafe|Full)?Loader\b", path.read_text())]
+    assert not offenders, offenders

@@ -215,6 +215,25 @@ def test_pretrain_command_on_two_processes_matches_one_process(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000002", "step_00000003"]
     state = ckpt.load_training_state(ckpt.latest_checkpoint(run))
     assert len(state["rng_per_rank"]) == WORLD and state["micro_step"] == 3
+    # only rank 0 takes the run folder (its lock): a second launch as a fresh run is refused on every rank
+    # at once, with rank 0's one-line reason, and nothing in the finished run changes
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    port = _free_port()
+    again = []
+    for rank in range(WORLD):
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
+        again.append(subprocess.Popen(
+            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
+             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for process in again:
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 2, err.decode()[-2000:]
+        lines = [line for line in err.decode().splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and "already holds a medclipin run" in lines[0], err.decode()[-2000:]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_sync_batchnorm_converts_every_clipin_batchnorm_and_keeps_the_state_keys():

@@ -3,6 +3,7 @@ probe, gradcam (single + batch), the shared embedding cache, the demo's evaluate
 ``medclipin.load`` on a model, run or checkpoint folder."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,32 @@ def test_unreadable_images_are_nan_rows_named_and_left_out_of_the_metrics(eval_m
     assert result["image_to_text"] == clean["image_to_text"] and clean["unreadable_images"] == []
     scores = zero_shot(store, listed, load_prompts(eval_prompts), bootstrap=0)
     assert len(scores["scores"]) == len(listed) - 1 and scores["unreadable_images"][0]["image_path"] == str(bad)
+
+
+def test_gradcam_figure_names_from_manifest_labels_stay_in_the_output_folder(eval_model, eval_data, tmp_path):
+    """A class name from a (shared, untrusted) manifest and prompt file never becomes a path: no traversal."""
+    import dataclasses
+
+    import yaml
+
+    from medclipin.data.manifest import Box, write_manifest
+
+    evil = "x/../../../../escaped Pleural Effusion"
+    manifest = read_manifest(eval_data)
+    records = [dataclasses.replace(
+        r, labels={(evil if k == "Pleural Effusion" else k): v for k, v in r.labels.items()},
+        boxes=[Box(evil if b.label == "Pleural Effusion" else b.label, b.box) for b in r.boxes]) for r in manifest.records]
+    assert any(b.label == evil for r in records for b in r.boxes if r.split == "test")
+    path = write_manifest(tmp_path / "m.csv", records, [evil if n == "Pleural Effusion" else n for n in manifest.label_names],
+                          relative_paths=False)
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text(yaml.safe_dump({"name": "evil", "mode": "multilabel", "templates": ["{}."],
+                                       "classes": {evil: {"positive": ["pleural effusion"], "negative": ["no pleural effusion"]}}}))
+    out = tmp_path / "a" / "b" / "out"
+    assert _cli("gradcam", "--checkpoint", eval_model, "--manifest", path, "--prompts", prompts, "--figures", 2,
+                "--out", out, "--embedding-cache", "none") == 0
+    figures = json.loads((out / "gradcam.json").read_text())["figures"]
+    assert figures and all(Path(f).resolve().parent == out.resolve() for f in figures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.csv", "prompts.yaml"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["out"]

@@ -70,3 +70,85 @@ def test_tokenizer_train_command_uses_train_split_only(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(str(out))
     assert "zygomycosis" not in tok.get_vocab()  # test-split text never shapes the vocabulary
     assert "stable" in tok.get_vocab()
+
+
+def _report_corpus() -> list[str]:
+    """A few hundred report-like sentences with many equally frequent word pieces (where tie-breaking shows)."""
+    import random
+
+    rng = random.Random(7)
+    words = ("no acute cardiopulmonary process small left right pleural effusion adjacent atelectasis heart size "
+             "normal lungs clear moderate cardiomegaly pulmonary edema lower lobe consolidation concerning for "
+             "pneumonia pneumothorax nodule opacity stable unchanged since prior mild bibasilar").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 14))) + "." for _ in range(400)]
+
+
+TRAIN_SCRIPT = """
+import sys
+from medclipin.data.tokenizer import train_wordpiece_tokenizer
+texts = open(sys.argv[1], encoding="utf-8").read().splitlines()
+train_wordpiece_tokenizer(texts, vocab_size=int(sys.argv[2]), out_dir=sys.argv[3])
+"""
+
+
+def test_training_gives_byte_identical_tokenizers_in_any_process(tmp_path):
+    """Same texts → the same vocabulary and ids, in this process and in two others (whose hash seeds differ)."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(_report_corpus()), encoding="utf-8")
+    here = train_wordpiece_tokenizer(_report_corpus(), vocab_size=150, out_dir=tmp_path / "here")
+    env = {**os.environ, "PYTHONHASHSEED": "random"}
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, str(corpus), "150", str(tmp_path / name)], check=True,
+                       env=env, timeout=300)
+    expected = (tmp_path / "here" / "tokenizer.json").read_bytes()
+    for name in ("a", "b"):
+        assert (tmp_path / name / "tokenizer.json").read_bytes() == expected, name
+    assert len(here) == 150 and here.convert_tokens_to_ids(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]) == [0, 1, 2, 3, 4]
+
+
+def _textbook_wordpiece(word_counts: dict, vocab_size: int, min_frequency: int) -> list[str]:
+    """BPE over the words' symbols, recounting every pair after every merge (slow and obviously right)."""
+    vocab = ["[UNK]"]
+    words = {w: [w[0], *("##" + c for c in w[1:])] for w in word_counts}
+    vocab += sorted({c for w in words for c in w}) + sorted({s for sy in words.values() for s in sy[1:]})
+    while len(vocab) < vocab_size:
+        pairs: dict = {}
+        for w, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] = pairs.get(pair, 0) + word_counts[w]
+        if not pairs:
+            break
+        (a, b), n = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if n < min_frequency:
+            break
+        merged = a + b[2:]
+        if merged not in vocab:
+            vocab.append(merged)
+        for w, symbols in words.items():
+            out, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (a, b):
+                    out.append(merged)
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            words[w] = out
+    return vocab
+
+
+@pytest.mark.parametrize("vocab_size", [40, 120, 400])
+def test_the_vocabulary_is_textbook_wordpiece_training(vocab_size):
+    from collections import Counter
+
+    from medclipin.data.tokenizer import learn_wordpiece_vocab
+
+    counts = Counter(word for text in _report_corpus() for word in text.rstrip(".").split())
+    counts.update({"aaaa": 3, "abab": 2})  # repeated symbols: merges inside a word never overlap
+    learned = learn_wordpiece_vocab(counts, vocab_size, min_frequency=2, specials=["[UNK]"])
+    assert list(learned) == _textbook_wordpiece(dict(counts), vocab_size, 2)
+    assert list(learned.values()) == list(range(len(learned)))

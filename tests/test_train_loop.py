@@ -201,17 +201,28 @@ def test_torch_compile_runs_a_step(tmp_path, monkeypatch):
 
 def test_resume_choices(tmp_path):
     cfg = tiny_config("train.steps=2", clipin=False)
-    # auto with nothing to resume from starts at step 0 (and clears a stale log of a killed first attempt)
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.csv").write_text("step,loss\n1,9.0\n2,9.0\n3,9")
-    assert pretrain(cfg, tmp_path / "run", resume="auto", progress=False).steps == 2
-    assert [r["step"] for r in read_metrics(tmp_path / "run")] == ["1", "2"]
-    # an explicit checkpoint folder continues from it, here to a longer run
+    run = tmp_path / "run"
+
+    # a first attempt that died before its first checkpoint (here: its first validation failed)
+    def crash(model, processor, step):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(tiny_config("train.steps=2", "train.validate_every=1", "train.checkpoint_every=5", clipin=False),
+                 run, progress=False, validate_fn=crash)
+    assert not ckpt.list_checkpoints(run) and (run / "config.yaml").is_file()
+    (run / "metrics.csv").write_text("step,loss\n1,9.0\n2,9.0\n3,9")  # and a torn log
+    # auto with nothing to resume from starts at step 0 and redoes the attempt's files; validate_every and
+    # checkpoint_every only change how the run is watched, so they may differ
+    assert pretrain(cfg, run, resume="auto", progress=False).steps == 2
+    assert [r["step"] for r in read_metrics(run)] == ["1", "2"]
+    # an explicit checkpoint folder continues from it, here to a longer run: another run's math, so another folder
     longer = tiny_config("train.steps=3", clipin=False)
-    start = ckpt.latest_checkpoint(tmp_path / "run")
-    result = pretrain(longer, tmp_path / "run", resume=str(start), progress=False)
-    assert result.steps == 3 and [r["step"] for r in read_metrics(tmp_path / "run")] == ["1", "2", "3"]
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    start = ckpt.latest_checkpoint(run)
+    result = pretrain(longer, tmp_path / "longer", resume=str(start), progress=False)
+    assert result.steps == 3 and [r["step"] for r in read_metrics(tmp_path / "longer")] == ["3"]
+    assert load_config(tmp_path / "longer" / "config.yaml").train.steps == 3
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         pretrain(cfg, tmp_path / "other", resume=str(tmp_path / "nowhere"), progress=False)
 
 
@@ -355,3 +366,53 @@ def test_resume_after_a_checkpoint_with_validation_repeats_the_uninterrupted_los
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
     lines = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4]
+
+
+def test_validation_does_not_change_the_training_run(tmp_path):
+    """How often a run is validated only changes how it is watched (a resume may change train.validate_every):
+    validation leaves every RNG stream as it found it, so the losses are those of a run never validated."""
+    import random
+
+    import numpy as np
+
+    from medclipin.data.manifest import read_manifest
+    from medclipin.train.validation import build_validate_fn
+
+    dropout = ("model.text_encoder.config={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+               "intermediate_size: 64, hidden_dropout_prob: 0.1, attention_probs_dropout_prob: 0.1}")
+    plain = tiny_config("train.steps=4", dropout)
+    validated = tiny_config("train.steps=4", "train.validate_every=1", dropout)
+    validate = build_validate_fn(validated, read_manifest(validated.data.manifest).split("validate"))
+
+    def validate_and_draw(model, processor, step):  # a validation that draws from every global stream
+        torch.rand(3), np.random.rand(3), random.random()
+        return validate(model, processor, step)
+
+    pretrain(plain, tmp_path / "plain", progress=False)
+    pretrain(validated, tmp_path / "validated", progress=False, validate_fn=validate_and_draw)
+    assert len((tmp_path / "validated" / "validation.jsonl").read_text().splitlines()) == 4
+    expected = [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    assert [r["loss"] for r in read_metrics(tmp_path / "validated")] == expected
+
+
+def test_a_resume_redoes_a_final_validation_that_failed(tmp_path):
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=5", clipin=False)
+
+    def crash(model, processor, step):
+        raise RuntimeError("validation crashed")
+
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        pretrain(cfg, tmp_path / "run", progress=False, validate_fn=crash)
+    seen = []
+
+    def validate(model, processor, step):
+        seen.append(step)
+        return {"score": 0.5}
+
+    result = pretrain(cfg, tmp_path / "run", resume="auto", progress=False, validate_fn=validate)
+    assert result.steps == 2 and seen == [2] and result.best == {"step": 2, "score": 0.5}
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()] == [2]
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    # done once: a further resume has nothing left to do
+    assert pretrain(cfg, tmp_path / "run", resume="auto", progress=False, validate_fn=validate).steps == 2
+    assert seen == [2]

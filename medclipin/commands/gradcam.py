@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments
+    from medclipin.eval.session import add_model_arguments, non_negative_int, positive_int
 
     add_model_arguments(parser, manifest_required=False)
     parser.add_argument("--out", required=True, help="output folder")
@@ -46,13 +46,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tolerance", type=float, default=15.0,
                         help="pointing-game tolerance in original-image pixels (default 15, Zhang et al.)")
     parser.add_argument("--split", default="test", help="batch mode: split (default test)")
-    parser.add_argument("--limit", type=int, default=None, help="batch mode: at most this many (image, finding) pairs")
-    parser.add_argument("--figures", type=int, default=8, help="batch mode: figures to write (default 8)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="batch mode: at most this many (image, finding) pairs")
+    parser.add_argument("--figures", type=non_negative_int, default=8, help="batch mode: figures to write (default 8)")
     parser.add_argument("--iou-threshold", type=float, default=0.5,
                         help="CAM threshold (fraction of its maximum) for the IoU with the box (default 0.5)")
 
 
 def run(args) -> int:
+    from medclipin.eval.session import check_outputs
+
+    check_outputs(args)  # before the image, the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     single = args.image is not None or args.text is not None
     if single and (args.image is None or args.text is None):

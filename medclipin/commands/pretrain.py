@@ -11,8 +11,11 @@ import sys
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--resume", default="", help="'auto' (newest valid checkpoint in --out) or a checkpoint folder")
+    parser.add_argument("--out", required=True,
+                        help="run folder: new or empty for a new run (never overwritten); locked while the run lasts")
+    parser.add_argument("--resume", default="",
+                        help="'auto' (newest valid checkpoint in --out, with the run's own config) or a checkpoint "
+                             "folder (into a new --out to continue with other settings)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar / step log lines")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip periodic validation (default: on when the manifest has a validate split)")

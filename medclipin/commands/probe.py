@@ -34,8 +34,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from medclipin.eval.evaluate import probe
     from medclipin.eval.report import probe_markdown, write_json
-    from medclipin.eval.session import load_split, open_store, run_info
+    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
 
+    check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if any(not 0 < f <= 1 for f in args.fractions):
         print(f"error: --fractions must be in (0, 1], got {args.fractions}", file=sys.stderr)

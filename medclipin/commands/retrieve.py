@@ -20,17 +20,17 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments
+    from medclipin.eval.session import add_model_arguments, positive_int
 
     add_model_arguments(parser)
     parser.add_argument("--out", default=None, help="output folder (required for metrics; optional for queries)")
     parser.add_argument("--split", default=None,
                         help="split: train, validate, test or all (default: test for metrics, all for queries)")
-    parser.add_argument("--chunk-size", type=int, default=512, help="queries per similarity chunk (default 512)")
+    parser.add_argument("--chunk-size", type=positive_int, default=512, help="queries per similarity chunk (default 512)")
     query = parser.add_mutually_exclusive_group()
     query.add_argument("--query-image", default=None, help="an image file: list the top-k reports for it")
     query.add_argument("--query-text", default=None, help="a sentence: list the top-k images for it")
-    parser.add_argument("--top-k", type=int, default=5, help="results per query (default 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="results per query (default 5)")
     parser.add_argument("--show-text", action="store_true", help="print the report text of the hits (off by default)")
     parser.add_argument("--show-ids", action="store_true",
                         help="print the hits' record ids (off by default: ids often embed patient identifiers; "
@@ -38,8 +38,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.eval.session import load_split, open_store, run_info
+    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
 
+    check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     querying = args.query_image is not None or args.query_text is not None
     if not querying and not args.out:

@@ -19,22 +19,23 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments
+    from medclipin.eval.session import add_model_arguments, non_negative_int
 
     add_model_arguments(parser)
     parser.add_argument("--prompts", required=True, help="prompt YAML (e.g. datasets/chexpert/prompts_5x200.yaml)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="test", help="manifest split to evaluate: train, validate, test or all (default test)")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0 = none; default 1000)")
+    parser.add_argument("--bootstrap", type=non_negative_int, default=1000, help="bootstrap resamples for the 95%% CIs (0 = none; default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
 def run(args) -> int:
     from medclipin.eval.evaluate import zero_shot
     from medclipin.eval.report import plot_roc, write_json, zeroshot_markdown
-    from medclipin.eval.session import load_split, open_store, run_info
+    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
     from medclipin.eval.zeroshot import load_prompts
 
+    check_outputs(args)  # before the prompts, the manifest and the model: fail in a second, not after the work
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
     prompts = load_prompts(args.prompts)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -46,6 +47,36 @@ def unreadable_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
+
+
+@dataclass
+class UsableRecords:
+    """The records a dataset can use, their texts, and what was skipped (reason → count; missing image paths)."""
+
+    records: list[Record]
+    texts: list[str]
+    skipped: Counter
+    missing: list[str]
+
+
+def select_usable(records: Sequence[Record], sections: Sequence[str], cache_dir: str = "",
+                  require_text: bool = True) -> UsableRecords:
+    """Records with report text in ``sections`` (unless ``require_text`` is off) whose image file exists (not
+    checked with a decode-once cache, which knows its files). The trainer counts them before it writes anything."""
+    from medclipin.data.reports import record_text
+
+    kept, texts, skipped, missing = [], [], Counter(), []
+    for record in records:
+        text = record_text(record, tuple(sections))
+        if require_text and not text.strip():
+            skipped["empty report text"] += 1
+        elif not cache_dir and not os.path.isfile(record.image_path):
+            skipped["image file missing"] += 1
+            missing.append(record.image_path)
+        else:
+            kept.append(record)
+            texts.append(text)
+    return UsableRecords(kept, texts, skipped, missing)
 
 
 class ImageTextDataset(Dataset):
@@ -81,21 +112,10 @@ class ImageTextDataset(Dataset):
         self.train, self.two_views, self.seed = train, two_views, seed
         self.substitute_unreadable = substitute_unreadable
         self.epoch = 0
-        self.skipped: Counter[str] = Counter()
-        self.missing: list[str] = []
-        kept: list[Record] = []
-        texts: list[str] = []
-        for record in records:
-            text = processor.report_text(record)
-            if require_text and not text.strip():
-                self.skipped["empty report text"] += 1
-            elif not cache_dir and not os.path.isfile(record.image_path):
-                self.skipped["image file missing"] += 1
-                self.missing.append(record.image_path)
-            else:
-                kept.append(record)
-                texts.append(text)
-        self.records, self.texts = kept, texts
+        usable = select_usable(records, processor.text_cfg.sections, cache_dir, require_text)
+        self.records, self.texts = usable.records, usable.texts
+        self.skipped: Counter[str] = usable.skipped
+        self.missing: list[str] = usable.missing
         if self.skipped:
             log.warning("skipped %d of %d records: %s", sum(self.skipped.values()), len(records),
                         ", ".join(f"{n} {why}" for why, n in self.skipped.items()))

@@ -6,6 +6,7 @@ Every metric reads embeddings through one :class:`EmbeddingStore`, so the images
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,12 @@ from medclipin.eval.retrieval import retrieval_metrics
 from medclipin.eval.zeroshot import PromptSet, class_embeddings, zero_shot_scores
 
 log = logging.getLogger(__name__)
+
+
+def _file_safe(name: str) -> str:
+    """A class name as a file-name part: letters, digits, ``-`` and ``_`` only. Class names come from the manifest
+    and the prompt file, which may come from anywhere: "../" in one must never become a path."""
+    return re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_")[:60] or "finding"
 
 
 def check_prompt_classes(records: list[Record], prompts: PromptSet) -> None:
@@ -159,7 +166,7 @@ def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: 
                      "iou": iou, "box_input": [round(float(v), 2) for v in mapped]}
             if out_dir is not None and len(written) < figures:
                 relevance = text_relevance(model, processor, shown, processor.report_text(record))
-                name = f"gradcam_{len(written):02d}_{box.label.replace(' ', '_').lower()}.png"
+                name = f"gradcam_{len(written):02d}_{_file_safe(box.label)}.png"
                 entry["figure"] = _pair_figure(Path(out_dir) / name, record, box, cam, mapped, pixels.shape[0],
                                                geometry, shown, image_cfg, relevance, prompt, hit)
                 written.append(entry["figure"])

@@ -1,4 +1,5 @@
-"""What the evaluation commands share: common arguments, loading a checkpoint into an
+"""What the evaluation commands share: common arguments and their checks (outputs writable before any work,
+positive sizes), loading a checkpoint into an
 :class:`EmbeddingStore` with its on-disk cache, selecting records, and the "what ran" block of reports.
 
 Embedding cache default (``--embedding-cache``): ``<model folder>/../embeddings`` — for a run folder
@@ -11,6 +12,7 @@ model or a changed image never reads a stale entry.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 from pathlib import Path
@@ -27,9 +29,45 @@ def add_model_arguments(parser, manifest_required: bool = True) -> None:
                         help="folder for cached embeddings (default: <checkpoint model folder>/../embeddings if "
                              "writable, else OUT/embeddings; 'none' = do not cache on disk)")
     parser.add_argument("--image-cache", default="", help="decode-once image cache from `medclipin preprocess`")
-    parser.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
-    parser.add_argument("--num-workers", type=int, default=0, help="image decoding worker processes (default 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="encoding batch size (default 64)")
+    parser.add_argument("--num-workers", type=non_negative_int, default=0,
+                        help="image decoding worker processes (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu; evaluation runs in fp32)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (batch sizes, top-k, chunk sizes)."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0 (worker counts, resamples, figures)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def check_outputs(args) -> None:
+    """Fail at once, in one line, when ``--out`` or an explicit ``--embedding-cache`` cannot be written (a
+    file where a folder is needed, a read-only place): before the model, the manifest or any image is read."""
+    from medclipin.atomic import check_output_dir
+
+    if getattr(args, "out", None):
+        check_output_dir(args.out)
+    cache = (getattr(args, "embedding_cache", "") or "").strip()
+    if cache and cache.lower() != "none":
+        check_output_dir(cache)
 
 
 def _writable(folder: Path) -> bool:
@@ -56,8 +94,6 @@ def open_store(args, out_dir: str | os.PathLike | None = None):
     from medclipin.api import load, resolve_model_dir
     from medclipin.eval.embeddings import EmbeddingStore
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_dir = resolve_model_dir(args.checkpoint)
     model, processor = load(model_dir, device=args.device)  # fp32: bf16 is ~100x slower on CPUs without AMX
     choice = (args.embedding_cache or "").strip()

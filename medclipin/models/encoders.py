@@ -114,6 +114,12 @@ class ImageEncoder(nn.Module):
         except (TypeError, WeightsError):
             raise
         except Exception as exc:  # timm raises several types for offline/unknown weights
+            if isinstance(exc, RuntimeError) and str(exc).startswith("Unknown model"):
+                import difflib
+
+                close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3, cutoff=0.6)
+                hint = f"; did you mean {', '.join(close)}?" if close else " (timm.list_models() lists them)"
+                raise EncoderLoadError(f"model.image_encoder.name={cfg.name!r} is not a timm architecture{hint}") from None
             if pretrained:
                 hint = ("running offline (HF_HUB_OFFLINE) and the weights are not in the local cache: "
                         if cfg.pretrained.startswith("hub") and _offline() else "")

@@ -48,6 +48,18 @@ class ModelFolderError(MedclipinError, FileNotFoundError):
     """A path is not a loadable medclipin model folder; the message names the path and what is missing."""
 
 
+class WeightsMismatchError(ModelFolderError):
+    """A weights file holds other tensors (names or shapes) than the model it is loaded into."""
+
+
+# A safetensors header larger than this is refused before it is read (real ones are a few hundred KB).
+MAX_HEADER_BYTES = 100 << 20
+# Buffers a model holds that are not saved in its weights file (position ids and the like): far below this.
+MAX_UNSAVED_BUFFER_BYTES = 256 << 20
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 @dataclass
 class ModelSpec:
     """The architecture of an inference model: everything ``config.json`` holds.
@@ -265,8 +277,7 @@ class MedClipModel(nn.Module):
         except (KeyError, TypeError, ValueError, MedclipinError) as exc:
             raise ModelFolderError(f"{directory / CONFIG_NAME}: not a valid medclipin model config ({exc})") from None
         spec.image_encoder.pretrained = spec.text_encoder.pretrained = ""  # weights come from the folder
-        _check_size(directory / WEIGHTS_NAME)
-        model = cls(spec, text_hf_config=saved.get("text_hf_config"))
+        model = _build_checked(cls, spec, saved.get("text_hf_config"), directory)
         _load_weights(model, directory / WEIGHTS_NAME, map_location)
         return model
 
@@ -291,41 +302,119 @@ def read_model_config(directory: Path) -> dict:
     return saved
 
 
-def _check_size(path: Path) -> None:
-    """Refuse a weights file whose header is implausible before safetensors allocates anything."""
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from a safetensors file's header, without reading any tensor data.
+
+    Raises:
+        ModelFolderError: not a well-formed safetensors file (truncated; a header longer than the file or
+            than :data:`MAX_HEADER_BYTES`, or not JSON; a tensor whose shape and dtype do not fit its bytes).
+    """
     import struct
 
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if len(head) < 8:
-        raise ModelFolderError(f"{path}: truncated weights file ({size} bytes)")
-    header = struct.unpack("<Q", head)[0]
-    if header > min(size - 8, 100 << 20):
-        raise ModelFolderError(f"{path}: corrupt weights file (header of {header} bytes in a {size}-byte file)")
-
-
-def _load_weights(model: nn.Module, path: Path, map_location, drop_prefixes: tuple[str, ...] = (),
-                  rename: dict[str, str] | None = None) -> None:
-    """Strictly load a safetensors file into ``model``; shapes and names are checked before copying."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    length, raw = None, b""
     try:
-        state = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise ModelFolderError(f"{path}: cannot read weights ({exc})") from None
-    state = {(rename or {}).get(k, k): v for k, v in state.items() if not k.startswith(drop_prefixes)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) == 8:
+                length = struct.unpack("<Q", head)[0]
+                if length <= min(size - 8, MAX_HEADER_BYTES):
+                    raw = handle.read(length)
+    except OSError as exc:
+        raise ModelFolderError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
+    if length is None:
+        raise ModelFolderError(f"{path}: truncated weights file ({size} bytes)")
+    if length > min(size - 8, MAX_HEADER_BYTES):
+        raise ModelFolderError(f"{path}: corrupt weights file (header of {length} bytes in a {size}-byte file)")
+    try:
+        header = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ModelFolderError(f"{path}: corrupt weights file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{path}: corrupt weights file (its header is not a JSON object)")
+    data_bytes = size - 8 - length
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            fits = (all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int)
+                    and isinstance(end, int) and 0 <= begin <= end <= data_bytes
+                    and end - begin == math.prod(shape) * _DTYPE_BYTES[entry["dtype"]])
+        except (KeyError, TypeError, ValueError):
+            fits = False
+        if not fits:
+            raise ModelFolderError(f"{path}: corrupt weights file (tensor {name!r} does not fit its "
+                                   f"{data_bytes}-byte data: {str(entry)[:80]})")
+        shapes[name] = shape
+    return shapes
+
+
+def _renamed(shapes: dict, drop_prefixes: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> dict:
+    return {(rename or {}).get(k, k): v for k, v in shapes.items() if not k.startswith(drop_prefixes)}
+
+
+def check_weights_match(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path,
+                        against: str = CONFIG_NAME) -> None:
+    """Names and shapes of a weights file (``found``) against a model's (``expected``), before any loading.
+
+    Raises:
+        WeightsMismatchError: naming the file and the first missing, unexpected and wrongly shaped tensors.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(f"{k} ({against} {list(expected[k])}, file {list(found[k])})"
+                   for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
     if missing or unexpected or wrong:
         details = "; ".join(f"{label}: {', '.join(keys[:4])}{' …' if len(keys) > 4 else ''}"
                             for label, keys in (("missing", missing), ("unexpected", unexpected),
                                                 ("wrong shape", wrong)) if keys)
-        raise ModelFolderError(f"{path}: weights do not match the model in config.json ({details})")
-    model.load_state_dict(state, strict=True)
+        raise WeightsMismatchError(f"{path}: weights do not match the model in {against} ({details})")
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _build_checked(cls, spec: ModelSpec, text_hf_config: dict | None, directory: Path,
+                   drop_prefixes: tuple[str, ...] = (), rename: dict[str, str] | None = None) -> MedClipModel:
+    """Build the model ``config.json`` describes, after checking, without allocating anything, that it can be
+    built and that its tensors are the ones in the weights file: the model is first built on the ``meta``
+    device and compared with the file's header. A tampered ``config.json`` (an unknown architecture, a
+    360 GB projection) is a one-line :class:`ModelFolderError`, not a traceback or an out-of-memory kill."""
+    weights = directory / WEIGHTS_NAME
+    found = _renamed(read_safetensors_header(weights), drop_prefixes, rename)
+    try:
+        with torch.device("meta"):
+            skeleton = cls(spec, text_hf_config=text_hf_config)
+    except Exception as exc:  # noqa: BLE001 - timm and transformers raise many kinds for a config they cannot build
+        problem = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ModelFolderError(f"{directory / CONFIG_NAME}: describes a model that cannot be built "
+                               f"({type(exc).__name__}: {problem})") from None
+    check_weights_match(_shapes(skeleton), found, weights)
+    saved = set(skeleton.state_dict())
+    unsaved = sum(b.numel() * b.element_size() for name, b in skeleton.named_buffers() if name not in saved)
+    if unsaved > MAX_UNSAVED_BUFFER_BYTES:
+        raise ModelFolderError(f"{directory / CONFIG_NAME}: describes a model with {unsaved / 2**30:.1f} GiB of "
+                               f"buffers that are not in {WEIGHTS_NAME}; refused")
+    return cls(spec, text_hf_config=text_hf_config)
+
+
+def _load_weights(model: nn.Module, path: Path, map_location, drop_prefixes: tuple[str, ...] = (),
+                  rename: dict[str, str] | None = None) -> None:
+    """Strictly load a safetensors file into ``model``; names and shapes are checked from the file's header
+    before any tensor is read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    check_weights_match(_shapes(model), _renamed(read_safetensors_header(path), drop_prefixes, rename), path)
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ModelFolderError(f"{path}: cannot read weights ({exc})") from None
+    model.load_state_dict(_renamed(state, drop_prefixes, rename), strict=True)
 
 
 def _load_format1(cls, directory: Path, saved: dict, map_location) -> MedClipModel:
@@ -337,9 +426,9 @@ def _load_format1(cls, directory: Path, saved: dict, map_location) -> MedClipMod
     except (KeyError, TypeError, ValueError, MedclipinError) as exc:
         raise ModelFolderError(f"{directory / CONFIG_NAME}: not a valid medclipin model config ({exc})") from None
     spec.image_encoder.pretrained = spec.text_encoder.pretrained = ""
-    _check_size(directory / WEIGHTS_NAME)
-    model = cls(spec, text_hf_config=saved.get("text_hf_config"))
+    rename = {"contrastive.logit_scale": "logit_scale", "contrastive.logit_bias": "logit_bias"}
+    model = _build_checked(cls, spec, saved.get("text_hf_config"), directory, _FORMAT1_TRAINING_PREFIXES, rename)
     _load_weights(model, directory / WEIGHTS_NAME, map_location, drop_prefixes=_FORMAT1_TRAINING_PREFIXES,
-                  rename={"contrastive.logit_scale": "logit_scale", "contrastive.logit_bias": "logit_bias"})
+                  rename=rename)
     log.info("%s: a format-1 model folder (before medclipin 0.2); loaded its inference weights", directory)
     return model

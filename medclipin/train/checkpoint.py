@@ -25,7 +25,8 @@ import torch
 
 from medclipin.atomic import replace_directory
 from medclipin.errors import MedclipinError
-from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME, read_model_config, _load_weights
+from medclipin.models.model import (CONFIG_NAME, WEIGHTS_NAME, ModelFolderError, WeightsMismatchError,
+                                    check_weights_match, read_model_config, read_safetensors_header, _load_weights)
 
 log = logging.getLogger(__name__)
 STATE_NAME = "training_state.pt"
@@ -77,6 +78,9 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
 def save_checkpoint(run_dir, step: int, objective, processor, training_state: dict, keep: int = 3) -> Path:
     """Write a complete checkpoint atomically, then delete all but the newest ``keep``.
 
+    Staging folders of saves that were killed are left alone here: the trainer removes them when it takes
+    the run folder's lock (:func:`medclipin.train.run_folder.claim`), where no other save can be running.
+
     Args:
         objective: the :class:`~medclipin.train.objective.TrainingObjective` (its ``model`` goes to ``model/``).
         processor: saved beside the model, so ``model/`` is a complete model folder.
@@ -85,7 +89,6 @@ def save_checkpoint(run_dir, step: int, objective, processor, training_state: di
 
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(final.parent)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".step_{step:08d}.tmp"))
     try:
         objective.model.save_pretrained(staging / "model", processor=processor)
@@ -100,13 +103,6 @@ def save_checkpoint(run_dir, step: int, objective, processor, training_state: di
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _remove_stale_staging(folder: Path) -> None:
-    # left by a save that was killed; only the main process writes checkpoints, so none is in progress
-    for path in folder.glob(".step_*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -159,17 +155,30 @@ def latest_checkpoint(run_dir) -> Path | None:
 
 
 def load_training_state(path: Path) -> dict:
-    """The training state (optimizer, scheduler, scaler, RNG, counters); tensors and plain values only."""
-    return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    """The training state (optimizer, scheduler, scaler, RNG, counters); tensors and plain values only.
+
+    Raises:
+        CheckpointError: the file cannot be read (truncated, tampered, or not a training state).
+    """
+    import pickle
+
+    try:
+        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path / STATE_NAME}: cannot be read ({problem}); resume from an earlier "
+                              "checkpoint") from None
 
 
 def load_checkpoint_weights(objective, path: Path) -> None:
-    """Load a checkpoint's model and objective tensors into an already built objective (strict, shapes checked).
+    """Load a checkpoint's model and objective tensors into an already built objective (strict; names and
+    shapes are checked from the files' headers before any tensor is read).
 
     Raises:
-        CheckpointError: the checkpoint predates the model/objective split (format 1), or does not match
-            the configuration (another architecture or objective).
+        CheckpointError: the checkpoint predates the model/objective split (format 1), does not match the
+            configuration (another architecture or objective), or a file in it is corrupt.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     saved = read_model_config(path / "model")
@@ -177,8 +186,17 @@ def load_checkpoint_weights(objective, path: Path) -> None:
         raise CheckpointError(
             f"{path}: written by medclipin before the model/objective split (format 1). Its model/ folder loads "
             "for evaluation (medclipin.load), but training cannot resume from it: start a new run folder")
+    objective_file = path / OBJECTIVE_NAME
     try:
         _load_weights(objective.model, path / "model" / WEIGHTS_NAME, "cpu")
-        objective.load_training_state_dict(load_file(str(path / OBJECTIVE_NAME)))
-    except (ValueError, MedclipinError) as exc:
+        expected = {k: tuple(v.shape) for k, v in objective.training_state_dict().items()}
+        check_weights_match(expected, read_safetensors_header(objective_file), objective_file, "this run's configuration")
+        try:
+            state = load_file(str(objective_file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ModelFolderError(f"{objective_file}: cannot read weights ({exc})") from None
+        objective.load_training_state_dict(state)
+    except (WeightsMismatchError, ValueError) as exc:
         raise CheckpointError(f"{path}: does not match this run's configuration ({exc})") from None
+    except MedclipinError as exc:
+        raise CheckpointError(f"{path}: cannot be resumed from ({exc})") from None

@@ -2,7 +2,8 @@
 
 Run folder layout::
 
-    RUN/config.yaml          the resolved configuration
+    RUN/.medclipin.lock      locked (fcntl.flock) while a run uses the folder; marks it as a medclipin run folder
+    RUN/config.yaml          the resolved configuration (written once; a resume must keep its math)
     RUN/metrics.csv          one row per logged step (step, epoch, loss, lr, grad_norm, samples_per_s, terms, monitors)
     RUN/validation.jsonl     one line per validation (step, score, R@K, zero-shot AUC), when validation runs
     RUN/tensorboard/         the same scalars, when the ``tensorboard`` package is installed
@@ -12,6 +13,8 @@ Run folder layout::
     RUN/model/               the final model with its processor (save_pretrained form; ``medclipin.load``)
     RUN/best/                the best model by validation score (when validation runs)
 
+Who may write in the folder (new or empty folders only, one run at a time, a resume keeps the run's
+configuration) is :mod:`medclipin.train.run_folder`; nothing is written before the run is set up.
 This module is the run and its files (set-up, data order, resume, checkpoints, logging, validation);
 one optimiser step — autocast, accumulation, clipping, the non-finite guard — is
 :class:`medclipin.train.step.TrainStep`.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +40,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medclipin.atomic import atomic_open
-from medclipin.config import Config, save_config
+from medclipin.config import Config, ConfigError
 from medclipin.errors import MedclipinError
-from medclipin.data.dataset import ImageTextDataset, TextImageCollator
+from medclipin.data.dataset import ImageTextDataset, TextImageCollator, select_usable
 from medclipin.data.manifest import read_manifest
 from medclipin.data.processor import Processor
 from medclipin.data.reports import record_text
-from medclipin.data.tokenizer import load_tokenizer, train_wordpiece_tokenizer
+from medclipin.data.tokenizer import load_tokenizer, save_tokenizer, train_wordpiece_tokenizer
 from medclipin.models.model import MedClipModel
 from medclipin.models.weights import resolve_normalization
 from medclipin.train.objective import TrainingObjective
 from medclipin.train import checkpoint as ckpt
+from medclipin.train import run_folder
 from medclipin.train.distributed import DistInfo, cleanup, init_distributed
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
 from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
@@ -66,6 +71,11 @@ class UnreadableImagesError(MedclipinError, RuntimeError):
     """More training images could not be read than ``data.max_bad_fraction`` allows."""
 
 
+class RunSetupError(MedclipinError, ValueError):
+    """The configuration and the data cannot make a run (no train records, a batch larger than the usable
+    records, ...). Raised before anything is written into the run folder."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -79,19 +89,35 @@ class TrainResult:
     rejects_path: Path | None = None
 
 
-def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], is_main: bool = True):
-    """The configured tokenizer; else a pretrained text tower's own; else a WordPiece tokenizer trained on
-    the train split's reports."""
+def trains_own_tokenizer(cfg: Config) -> bool:
+    """True when the run uses a WordPiece tokenizer of its own (``RUN/tokenizer``): no tokenizer configured
+    and a text tower built from configuration."""
+    return not cfg.data.text.tokenizer and not cfg.model.text_encoder.pretrained
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], start: Path | None = None):
+    """The configured tokenizer; else a pretrained text tower's own; else the run's WordPiece tokenizer:
+    ``RUN/tokenizer`` when the run has one (a resume), the checkpoint's own when starting from a checkpoint of
+    another folder (its weights were trained with that vocabulary), else one trained now on the train split's
+    reports. Training is deterministic, so every DDP process trains the same one. Nothing is written into the
+    run folder here: the trainer saves the tokenizer there once the whole run is set up."""
     if cfg.data.text.tokenizer:
         return load_tokenizer(cfg.data.text.tokenizer)
     if cfg.model.text_encoder.pretrained:
         return load_tokenizer(cfg.model.text_encoder.pretrained)
     folder = run_dir / "tokenizer"
-    if not (folder / "tokenizer.json").is_file() and is_main:
-        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=folder)
-    if dist.is_initialized():
-        dist.barrier()
-    return load_tokenizer(str(folder))
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(str(folder))
+    if start is not None and (start / "model" / "tokenizer.json").is_file():
+        return load_tokenizer(str(start / "model"))
+    if cfg.train.init_from:  # fine-tuning a trained model: its weights were trained with its vocabulary
+        from medclipin.api import resolve_model_dir
+
+        return load_tokenizer(str(resolve_model_dir(cfg.train.init_from)))
+    with tempfile.TemporaryDirectory(prefix="medclipin-tokenizer-") as staging:
+        # loaded back from its files, as a resumed run will load RUN/tokenizer
+        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=staging)
+        return load_tokenizer(staging)
 
 
 def init_from_model(model: MedClipModel, path: str) -> None:
@@ -108,11 +134,11 @@ def init_from_model(model: MedClipModel, path: str) -> None:
     log.info("initialised the model from %s", folder)
 
 
-def prepare_processor(cfg: Config, run_dir: Path, train_records: list, is_main: bool = True) -> Processor:
+def prepare_processor(cfg: Config, run_dir: Path, train_records: list, start: Path | None = None) -> Processor:
     """The run's processor: resolved image normalisation, the tokenizer (:func:`prepare_tokenizer`), text settings."""
     resolve_normalization(cfg)
     texts = [record_text(r, cfg.data.text.sections) for r in train_records]
-    return Processor(cfg.data.image, cfg.data.text, prepare_tokenizer(cfg, run_dir, texts, is_main))
+    return Processor(cfg.data.image, cfg.data.text, prepare_tokenizer(cfg, run_dir, texts, start))
 
 
 def epoch_indices(sampler: DistributedSampler, epoch: int) -> list[int]:
@@ -192,14 +218,26 @@ def _resolve_start(run_dir: Path, resume: str) -> Path | None:
     if resume:
         path = Path(resume)
         if not ckpt.is_valid_checkpoint(path):
-            raise FileNotFoundError(f"{path}: not a complete checkpoint (expected {ckpt.STATE_NAME} and model/)")
+            raise ckpt.CheckpointError(f"{path}: not a complete checkpoint (expected {ckpt.STATE_NAME} and model/)")
         return path
-    if ckpt.list_checkpoints(run_dir):
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints of a run: pass --resume auto (resume='auto') to continue it, "
-            "or choose a new run folder"
-        )
     return None
+
+
+def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistInfo) -> run_folder.RunLock | None:
+    """Rank 0 takes the run folder (:func:`medclipin.train.run_folder.claim`); every rank raises its refusal."""
+    lock, failure = None, None
+    if dist_info.is_main:
+        try:
+            lock = run_folder.claim(run_dir, cfg, resume)
+        except MedclipinError as exc:
+            failure = exc
+    if dist_info.enabled:
+        shared = [failure]
+        dist.broadcast_object_list(shared, src=0)
+        failure = shared[0]
+    if failure is not None:
+        raise failure
+    return lock
 
 
 def pretrain(
@@ -214,11 +252,14 @@ def pretrain(
     Launch one process on a CPU or one GPU; under ``torchrun`` or ``srun`` every process calls this and
     the ranks share ``train.batch_size`` (the global, contrastive batch).
 
+    The run folder is locked for the whole run, and nothing is written into it before the run is set up
+    (data counted, tokenizer and model built, checkpoint loaded): see :mod:`medclipin.train.run_folder`.
+
     Args:
         cfg: the whole configuration (data.manifest must point at a manifest with a train split).
-        run_dir: output folder (created). A fresh run refuses a folder that already holds checkpoints.
+        run_dir: output folder (created). A fresh run needs a new or empty folder.
         resume: ``""`` (fresh), ``"auto"`` (newest valid checkpoint in run_dir; fresh when none) or a
-            checkpoint folder.
+            checkpoint folder. A resume in a folder with a ``config.yaml`` must keep the run's math.
         progress: show a progress bar (terminal) or log lines (otherwise).
         validate_fn: ``fn(model, processor, step) -> dict`` with a ``"score"`` key (higher is better),
             called every ``train.validate_every`` steps and at the end on the main process; the best
@@ -227,17 +268,26 @@ def pretrain(
     Raises:
         NonFiniteLossError: ``train.max_nonfinite_steps`` consecutive non-finite steps. Their updates
             were skipped, so no checkpoint holds non-finite weights, and no final model is written.
+        RunFolderError: the folder is not new or empty (fresh run), not a run folder (resume), or in use.
+        ResumeConfigError: a resume whose configuration changes the run's math.
+        RunSetupError: no train records, or fewer usable ones than ``train.batch_size``.
     """
     run_dir = Path(run_dir)
     tcfg = cfg.train
-    if tcfg.grad_accum < 1 or tcfg.steps < 1 or tcfg.log_every < 1 or tcfg.checkpoint_every < 1:
-        raise ValueError("train.grad_accum, train.steps, train.log_every and train.checkpoint_every must be >= 1")
+    for key in ("batch_size", "grad_accum", "steps", "log_every", "checkpoint_every"):
+        if getattr(tcfg, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(tcfg, key)}")
     device = resolve_device(tcfg.device)
     owns_group = not dist.is_initialized()
     dist_info: DistInfo = init_distributed(device.type)
+    lock = None
     try:
+        resolve_normalization(cfg)  # the configuration as it will be saved, before comparing it with a run's
+        lock = _claim_run_folder(run_dir, cfg, resume, dist_info)
         return _run(cfg, run_dir, resume, progress, validate_fn, device, dist_info)
     finally:
+        if lock is not None:
+            lock.release()
         if owns_group:
             cleanup()
 
@@ -252,17 +302,16 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
         torch.set_num_threads(tcfg.threads)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    start_path = _resolve_start(run_dir, resume)
-    resolve_normalization(cfg)
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
+    # set-up: everything that can refuse the run happens before the run folder gets a file
     manifest = read_manifest(cfg.data.manifest)
     train_records = manifest.split("train")
-    if not train_records:
-        raise ValueError(f"{cfg.data.manifest}: no records in the train split")
-    processor = prepare_processor(cfg, run_dir, train_records, dist_info.is_main)
+    global_batch = tcfg.batch_size
+    if global_batch % dist_info.world_size:
+        raise RunSetupError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
+    _check_enough_records(cfg, manifest, train_records, global_batch)
+    start_path = _resolve_start(run_dir, resume)
+    processor = prepare_processor(cfg, run_dir, train_records, start_path)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
                                      vocab_size=processor.vocab_size)
@@ -276,12 +325,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
 
     dataset = ImageTextDataset(train_records, processor, train=True, two_views=objective.needs_two_views,
                                cache_dir=cfg.data.cache, seed=tcfg.seed)
-    global_batch = tcfg.batch_size
-    if global_batch % dist_info.world_size:
-        raise ValueError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
     local_batch = global_batch // dist_info.world_size
-    if len(dataset) < global_batch:
-        raise ValueError(f"train split has {len(dataset)} usable records, fewer than train.batch_size={global_batch}")
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=tcfg.seed, drop_last=True)
     collate = TextImageCollator(processor)
@@ -304,6 +348,17 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     elif resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
 
+    # set up: the run folder gets its files (config.yaml once; a resume never rewrites it)
+    if dist_info.is_main:
+        run_folder.write_config(run_dir, cfg)
+        if trains_own_tokenizer(cfg) and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+            save_tokenizer(processor.tokenizer, run_dir / "tokenizer")
+        if step == 0:  # left by a run of this folder killed before its first checkpoint: everything is redone
+            for stale in ("metrics.csv", "validation.jsonl", "rejects.csv"):
+                (run_dir / stale).unlink(missing_ok=True)
+    if dist_info.enabled:
+        dist.barrier()
+
     train_module: torch.nn.Module = objective
     if dist_info.enabled:
         train_module = torch.nn.parallel.DistributedDataParallel(
@@ -314,16 +369,14 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
         train_module = torch.compile(train_module)
     train_step = TrainStep(objective, train_module, optimizer, scheduler, scaler, tcfg, precision, device, dist_info,
                            ddp=dist_info.enabled, nonfinite_total=nonfinite_total)
-    rejects = RejectLog(run_dir / "rejects.csv", len(dataset), cfg.data.max_bad_fraction, dist_info.is_main)
+    rejects = RejectLog(run_dir / "rejects.csv", len(dataset), cfg.data.max_bad_fraction, dist_info.is_main,
+                        resumed=step > 0)
     batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
                           pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed, on_rejected=rejects.add)
 
     metrics = MetricsLog(run_dir / "metrics.csv",
                          extra_columns=[f"val_{c}" for c in getattr(validate_fn, "columns", ())])
     if dist_info.is_main:
-        if step == 0:  # left by a run killed before its first checkpoint: everything is redone
-            for stale in ("metrics.csv", "validation.jsonl"):
-                (run_dir / stale).unlink(missing_ok=True)
         metrics.truncate_after(step)  # rows of steps after the checkpoint are redone
         _truncate_jsonl(run_dir / "validation.jsonl", step)
     tensorboard = TensorBoardLog(run_dir / "tensorboard", enabled=dist_info.is_main)
@@ -421,10 +474,10 @@ class RejectLog:
     """Training images that could not be read: named in ``RUN/rejects.csv``, counted, and a run whose share
     of unreadable images passes ``data.max_bad_fraction`` stops with a clear error."""
 
-    def __init__(self, path: Path, n_images: int, max_fraction: float, write: bool):
+    def __init__(self, path: Path, n_images: int, max_fraction: float, write: bool, resumed: bool = True):
         self.path, self.n_images, self.max_fraction, self.write = path, max(n_images, 1), max_fraction, write
         self.seen: dict[str, str] = {}
-        if path.is_file():  # a resumed run: what was already found
+        if resumed and path.is_file():  # a resumed run: what was already found
             import csv
 
             with path.open(newline="", encoding="utf-8") as handle:
@@ -454,6 +507,19 @@ class RejectLog:
                 f"{self.count} of {self.n_images} training images could not be read, more than "
                 f"data.max_bad_fraction={self.max_fraction}; they are listed in {self.path}. Fix or remove them "
                 "(medclipin validate --all names every bad file), or raise the limit")
+
+
+def _check_enough_records(cfg: Config, manifest, train_records: list, global_batch: int) -> None:
+    """Refuse a run whose train split cannot fill one batch, before anything is written."""
+    if not train_records:
+        counts = {split: len(manifest.split(split)) for split in ("train", "validate", "test")}
+        raise RunSetupError(f"{cfg.data.manifest}: no records in the train split (splits: {counts}); nothing to train on")
+    usable = select_usable(train_records, cfg.data.text.sections, cfg.data.cache)
+    if len(usable.records) < global_batch:
+        skipped = "".join(f", {n} {why}" for why, n in usable.skipped.items())
+        raise RunSetupError(
+            f"{cfg.data.manifest}: the train split has {len(usable.records)} usable records ({len(train_records)} in all"
+            f"{skipped}), fewer than train.batch_size={global_batch}; lower train.batch_size or add records")
 
 
 def _truncate_jsonl(path: Path, step: int) -> None:
@@ -491,10 +557,14 @@ def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn,
     if dist_info.is_main:
         was_training = model.training
         model.eval()
+        # validation only watches the run: its draws (a DataLoader seeds itself from torch's global RNG) must not
+        # move the streams training uses, or train.validate_every would change the losses
+        streams = ckpt.rng_state()
         try:
             with torch.no_grad():
                 result = {k: float(v) for k, v in validate_fn(model, processor, step).items()}
         finally:
+            ckpt.set_rng_state(streams)
             model.train(was_training)
         with (run_dir / "validation.jsonl").open("a") as handle:
             handle.write(json.dumps({"step": step, **result}) + "\n")
