@@ -210,9 +210,13 @@ def build_open_clip_model(cfg: Config) -> nn.Module:
     model.visual.trunk = trunk  # frozen stages (model.image_encoder.freeze_layers) stay frozen: the same module
     model.visual.head.proj = nn.Linear(model.visual.trunk.num_features, embed_dim, bias=False)
     frozen = cfg.model.text_encoder.freeze_layers
-    if frozen:  # the same frozen lower layers, with open_clip's own mechanism (HFTextEncoder.lock)
-        layers = model.text.transformer.config.num_hidden_layers
-        model.text.lock(unlocked_layers=layers - frozen, freeze_layer_norm=True)
+    if frozen:
+        # the same frozen lower layers (open_clip's HFTextEncoder.lock(unlocked_layers) does this for the
+        # architectures its arch_dict lists with a layer attribute; BERT is not among them in open_clip 3.x)
+        transformer = model.text.transformer
+        for module in [transformer.embeddings, *list(transformer.encoder.layer)[:frozen]]:
+            for parameter in module.parameters():
+                parameter.requires_grad_(False)
     return model
 
 
