@@ -292,8 +292,38 @@ def pretrain(
             cleanup()
 
 
+@dataclass
+class _Run:
+    """Everything a training run holds once it is set up (:func:`_set_up`), for the loop (:func:`_train`)."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    precision: str
+    dist_info: DistInfo
+    processor: Processor
+    model: MedClipModel
+    objective: TrainingObjective
+    dataset: ImageTextDataset
+    batches: "BatchStream"
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    train_step: TrainStep
+    rejects: "RejectLog"
+    step: int = 0
+    best: dict = field(default_factory=dict)
+
+
 def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, device: torch.device,
          dist_info: DistInfo) -> TrainResult:
+    run = _set_up(cfg, run_dir, resume, device, dist_info)
+    return _train(run, validate_fn, progress)
+
+
+def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_info: DistInfo) -> _Run:
+    """Records → processor → model + objective → data stream and optimiser, restored from a checkpoint when
+    resuming. Everything that can refuse the run happens before the run folder gets a file."""
     tcfg = cfg.train
     precision = resolve_precision(tcfg.precision, device)
     if dist_info.enabled and device.type == "cuda":
@@ -303,7 +333,6 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    # set-up: everything that can refuse the run happens before the run folder gets a file
     manifest = read_manifest(cfg.data.manifest)
     train_records = manifest.split("train")
     global_batch = tcfg.batch_size
@@ -325,11 +354,8 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
 
     dataset = ImageTextDataset(train_records, processor, train=True, two_views=objective.needs_two_views,
                                cache_dir=cfg.data.cache, seed=tcfg.seed)
-    local_batch = global_batch // dist_info.world_size
     sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True,
                                  seed=tcfg.seed, drop_last=True)
-    collate = TextImageCollator(processor)
-
     optimizer = build_optimizer(objective, tcfg, device, lrs=tower_learning_rates(model, tcfg))
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -348,7 +374,7 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
     elif resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
 
-    # set up: the run folder gets its files (config.yaml once; a resume never rewrites it)
+    # the run folder gets its files (config.yaml once; a resume never rewrites it)
     if dist_info.is_main:
         run_folder.write_config(run_dir, cfg)
         if trains_own_tokenizer(cfg) and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
@@ -371,89 +397,109 @@ def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, d
                            ddp=dist_info.enabled, nonfinite_total=nonfinite_total)
     rejects = RejectLog(run_dir / "rejects.csv", len(dataset), cfg.data.max_bad_fraction, dist_info.is_main,
                         resumed=step > 0)
-    batches = BatchStream(dataset, sampler, local_batch, collate, cfg.data.num_workers,
-                          pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed, on_rejected=rejects.add)
+    batches = BatchStream(dataset, sampler, global_batch // dist_info.world_size, TextImageCollator(processor),
+                          cfg.data.num_workers, pin_memory=device.type == "cuda", seed=tcfg.seed, consumed=consumed,
+                          on_rejected=rejects.add)
+    return _Run(cfg=cfg, run_dir=run_dir, device=device, precision=precision, dist_info=dist_info,
+                processor=processor, model=model, objective=objective, dataset=dataset, batches=batches,
+                optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_step=train_step, rejects=rejects,
+                step=step, best=best)
 
+
+def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
+    """The loop: steps, logging, validation, checkpoints; the final checkpoint and ``RUN/model`` are written
+    before the last validation (which may still fail)."""
+    tcfg, dist_info, run_dir = run.cfg.train, run.dist_info, run.run_dir
     metrics = MetricsLog(run_dir / "metrics.csv",
                          extra_columns=[f"val_{c}" for c in getattr(validate_fn, "columns", ())])
     if dist_info.is_main:
-        metrics.truncate_after(step)  # rows of steps after the checkpoint are redone
-        _truncate_jsonl(run_dir / "validation.jsonl", step)
+        metrics.truncate_after(run.step)  # rows of steps after the checkpoint are redone
+        _truncate_jsonl(run_dir / "validation.jsonl", run.step)
     tensorboard = TensorBoardLog(run_dir / "tensorboard", enabled=dist_info.is_main)
     total = tcfg.steps
-    bar = Progress(total, step, progress and dist_info.is_main)
-    samples_done, interval_samples, logged_skipped = 0, 0, nonfinite_total
+    bar = Progress(total, run.step, progress and dist_info.is_main)
+    samples_done, interval_samples, logged_skipped = 0, 0, run.train_step.nonfinite_total
     interval_start = wall_start = time.perf_counter()
     wall = 0.0
-    objective.train()
+    run.objective.train()
     model_dir = run_dir / "model"
     try:
-        while step < total:
-            outcome = train_step(batches, step)
+        while run.step < total:
+            outcome = run.train_step(run.batches, run.step)
             samples_done += outcome.samples
             interval_samples += outcome.samples
-            step += 1
-            final = step == total
+            run.step += 1
+            step, final = run.step, run.step == total
             checkpoint_due = step % tcfg.checkpoint_every == 0 or final
             validation_due = validate_fn is not None and (final or (tcfg.validate_every and step % tcfg.validate_every == 0))
             if final:
                 wall = time.perf_counter() - wall_start
             if checkpoint_due and final:
                 # the final checkpoint and model are on disk before the last validation, which may still fail
-                train_step.guard.check()
-                _save_checkpoint(run_dir, step, objective, processor, optimizer, scheduler, scaler, batches,
-                                 train_step, best, dist_info, tcfg.keep_checkpoints)
+                _checkpoint(run)
                 if dist_info.is_main:
-                    model.save_pretrained(model_dir, processor=processor)
+                    run.model.save_pretrained(model_dir, processor=run.processor)
             validation: dict = {}
             if validation_due:
-                best, validation = _validate(model, processor, step, validate_fn, best, run_dir, dist_info,
-                                             tensorboard)
+                run.best, validation = _validate(run.model, run.processor, step, validate_fn, run.best, run_dir,
+                                                 dist_info, tensorboard)
             # the host reads the step's outcome only here (log steps) and before a checkpoint
             monitored = bool(tcfg.grad_monitor_every) and step % tcfg.grad_monitor_every == 0
             if step % tcfg.log_every == 0 or final or validation_due or monitored:
                 now = time.perf_counter()
                 rate = interval_samples / max(now - interval_start, 1e-9)
                 interval_start, interval_samples = now, 0
-                skipped = train_step.nonfinite_total
-                if skipped > logged_skipped and dist_info.is_main:
-                    log.warning("%d step(s) up to step %d had a non-finite loss or gradient: updates skipped "
-                                "(%d in this run so far)", skipped - logged_skipped, step, skipped)
-                logged_skipped = skipped
-                row = {"step": step, "epoch": batches.epoch, "loss": float(outcome.loss),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(outcome.grad_norm),
-                       "samples_per_s": rate, "skipped_nonfinite": skipped, "rejected_images": rejects.count}
-                row.update({k: float(v) for k, v in outcome.terms.items()})
-                row.update({k: float(v) for k, v in outcome.stats.items()})
-                row.update({f"val_{k}": v for k, v in validation.items()})
-                if dist_info.is_main:
-                    metrics.write(row)
-                    tensorboard.write({k: v for k, v in row.items() if not k.startswith("val_")}, step)
-                    bar.update(step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
-                                      "samples/s": f"{rate:.1f}"})
+                logged_skipped = _log_step(run, outcome, rate, validation, logged_skipped, metrics, tensorboard, bar)
             if checkpoint_due and not final:
-                train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
-                _save_checkpoint(run_dir, step, objective, processor, optimizer, scheduler, scaler, batches,
-                                 train_step, best, dist_info, tcfg.keep_checkpoints)
-        if validate_fn is not None and step == total and not _validated_at(run_dir, step):
+                _checkpoint(run)
+        if validate_fn is not None and run.step == total and not _validated_at(run_dir, run.step):
             # resumed after a final validation that failed: the model is saved, the validation is redone
-            best, _ = _validate(model, processor, step, validate_fn, best, run_dir, dist_info, tensorboard)
+            run.best, _ = _validate(run.model, run.processor, run.step, validate_fn, run.best, run_dir, dist_info,
+                                    tensorboard)
         if dist_info.enabled:
             dist.barrier()
     finally:
         bar.close()
         tensorboard.close()
+    rejects = run.rejects
     if rejects.count and dist_info.is_main:
         log.warning("%d training image(s) could not be read and were skipped: listed in %s", rejects.count,
                     rejects.path)
-    skipped_records = dict(dataset.skipped)
+    skipped_records = dict(run.dataset.skipped)
     if rejects.count:
         skipped_records["image unreadable"] = rejects.count
     return TrainResult(
-        run_dir=run_dir, model_dir=model_dir, steps=step, samples_per_s=samples_done / max(wall, 1e-9),
-        wall_s=wall, skipped_nonfinite=train_step.nonfinite_total, skipped_records=skipped_records, best=best,
-        rejects_path=rejects.path if rejects.count else None,
+        run_dir=run_dir, model_dir=model_dir, steps=run.step, samples_per_s=samples_done / max(wall, 1e-9),
+        wall_s=wall, skipped_nonfinite=run.train_step.nonfinite_total, skipped_records=skipped_records,
+        best=run.best, rejects_path=rejects.path if rejects.count else None,
     )
+
+
+def _log_step(run: _Run, outcome, rate: float, validation: dict, logged_skipped: int, metrics: MetricsLog,
+              tensorboard: TensorBoardLog, bar: Progress) -> int:
+    """One row of ``metrics.csv`` (losses, monitors, validation numbers), TensorBoard and the progress display;
+    returns the number of skipped steps now reported."""
+    skipped = run.train_step.nonfinite_total
+    if skipped > logged_skipped and run.dist_info.is_main:
+        log.warning("%d step(s) up to step %d had a non-finite loss or gradient: updates skipped "
+                    "(%d in this run so far)", skipped - logged_skipped, run.step, skipped)
+    row = {"step": run.step, "epoch": run.batches.epoch, "loss": float(outcome.loss),
+           "lr": run.scheduler.get_last_lr()[0], "grad_norm": float(outcome.grad_norm),
+           "samples_per_s": rate, "skipped_nonfinite": skipped, "rejected_images": run.rejects.count}
+    row.update({k: float(v) for k, v in outcome.terms.items()})
+    row.update({k: float(v) for k, v in outcome.stats.items()})
+    row.update({f"val_{k}": v for k, v in validation.items()})
+    if run.dist_info.is_main:
+        metrics.write(row)
+        tensorboard.write({k: v for k, v in row.items() if not k.startswith("val_")}, run.step)
+        bar.update(run.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "samples/s": f"{rate:.1f}"})
+    return skipped
+
+
+def _checkpoint(run: _Run) -> None:
+    run.train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
+    _save_checkpoint(run.run_dir, run.step, run.objective, run.processor, run.optimizer, run.scheduler, run.scaler,
+                     run.batches, run.train_step, run.best, run.dist_info, run.cfg.train.keep_checkpoints)
 
 
 def _save_checkpoint(run_dir: Path, step: int, objective: TrainingObjective, processor: Processor, optimizer,
