@@ -288,7 +288,7 @@ def plot_learning_curves(metrics_csv: str | os.PathLike, path: str | os.PathLike
     right.set_title("held-out validation split")
     right.grid(alpha=0.3)
     if plotted:
-        right.axhline(0.5, color="0.6", linestyle=":", linewidth=1)
+        right.axhline(0.5, color="0.6", linestyle=":", linewidth=1, label="AUC of chance (0.5)")
         right.legend(fontsize=8)
     else:
         right.text(0.5, 0.5, "no validation in this run", ha="center", va="center", transform=right.transAxes)
