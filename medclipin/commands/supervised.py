@@ -18,8 +18,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from medclipin.atomic import check_output_dir
     from medclipin.config import load_config
     from medclipin.train.supervised import train_supervised
+
+    check_output_dir(args.out)  # before any training
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -124,6 +124,9 @@ class Budget:
 
 # ------------------------------------------------------------------------------------------ one run
 def _settings_key(budget: Budget, config: str, overrides: list[str]) -> dict:
+    # the thread count changes how fast a run goes, not what it computes (up to float summation order), so
+    # runs made with 1 or 2 threads are the same run
+    overrides = [o for o in overrides if not o.startswith("train.threads=")]
     return {"config": config, "overrides": overrides, "probe_seeds": list(budget.probe_seeds),
             "bootstrap": budget.bootstrap, "version": 1}
 
@@ -145,7 +148,9 @@ def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifes
     key = _settings_key(budget, config, overrides)
     if result_path.is_file():
         cached = json.loads(result_path.read_text())
-        if cached.get("key") == key:
+        old = dict(cached.get("key") or {})
+        old["overrides"] = [o for o in old.get("overrides", []) if not o.startswith("train.threads=")]
+        if old == key:
             return cached
     train_dir = run_dir / "run"
     if train_dir.exists():  # an interrupted run of the study's own: redo it from scratch
