@@ -79,7 +79,7 @@ def test_second_evaluation_of_a_checkpoint_does_not_reencode_images(eval_model, 
 
 
 def test_embedding_cache_defaults_next_to_the_checkpoint(eval_model, eval_data, tmp_path):
-    from medclipin.eval.session import default_embedding_cache
+    from medclipin.eval.embeddings import default_embedding_cache
 
     assert default_embedding_cache(eval_model, tmp_path) == eval_model.resolve().parent / "embeddings"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments, non_negative_int, positive_int
+    from medclipin.commands.session import add_model_arguments, non_negative_int, positive_int
 
     add_model_arguments(parser, manifest_required=False)
     parser.add_argument("--out", required=True, help="output folder")
@@ -53,7 +53,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.eval.session import check_outputs
+    from medclipin.commands.session import check_outputs
 
     check_outputs(args)  # before the image, the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -72,7 +72,7 @@ def _single(args) -> int:
 
     from medclipin.eval.gradcam import box_to_input, cam_box_iou, explain, pointing_game_hit, save_explanation
     from medclipin.eval.report import write_json
-    from medclipin.eval.session import open_store, run_info
+    from medclipin.commands.session import open_store, run_info
 
     if not Path(args.image).is_file():
         print(f"error: {args.image}: no such image file", file=sys.stderr)
@@ -109,7 +109,7 @@ def _single(args) -> int:
 def _batch(args) -> int:
     from medclipin.eval.evaluate import check_prompt_classes, gradcam_localisation
     from medclipin.eval.report import gradcam_markdown, write_json
-    from medclipin.eval.session import load_split, open_store, run_info
+    from medclipin.commands.session import load_split, open_store, run_info
     from medclipin.eval.zeroshot import load_prompts
 
     prompts = load_prompts(args.prompts)

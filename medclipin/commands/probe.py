@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments
+    from medclipin.commands.session import add_model_arguments
 
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from medclipin.eval.evaluate import probe
     from medclipin.eval.report import probe_markdown, write_json
-    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
 
     check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments, positive_int
+    from medclipin.commands.session import add_model_arguments, positive_int
 
     add_model_arguments(parser)
     parser.add_argument("--out", default=None, help="output folder (required for metrics; optional for queries)")
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
 
     check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.eval.session import add_model_arguments, non_negative_int
+    from medclipin.commands.session import add_model_arguments, non_negative_int
 
     add_model_arguments(parser)
     parser.add_argument("--prompts", required=True, help="prompt YAML (e.g. datasets/chexpert/prompts_5x200.yaml)")
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from medclipin.eval.evaluate import zero_shot
     from medclipin.eval.report import plot_roc, write_json, zeroshot_markdown
-    from medclipin.eval.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
     from medclipin.eval.zeroshot import load_prompts
 
     check_outputs(args)  # before the prompts, the manifest and the model: fail in a second, not after the work

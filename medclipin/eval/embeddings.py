@@ -30,6 +30,25 @@ from medclipin.models.model import MedClipModel
 log = logging.getLogger(__name__)
 
 
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def default_embedding_cache(model_dir: Path, out_dir: str | os.PathLike | None) -> Path | None:
+    """``<model_dir>/../embeddings`` when writable, else ``<out>/embeddings`` (None without an --out)."""
+    beside = model_dir.resolve().parent / "embeddings"
+    if _writable(beside):
+        return beside
+    return Path(out_dir) / "embeddings" if out_dir else None
+
+
 def _model_fingerprint(model: MedClipModel, processor: Processor) -> str:
     # cheap and exact enough: the saved configuration (towers, image geometry, tokenisation) and a
     # strided sample of values from every tensor

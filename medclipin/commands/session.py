@@ -17,7 +17,7 @@ import datetime
 import os
 from pathlib import Path
 
-from medclipin.data.manifest import Manifest, Record, read_manifest
+from medclipin.data.manifest import Manifest, ManifestError, Record, read_manifest
 
 
 def add_model_arguments(parser, manifest_required: bool = True) -> None:
@@ -70,29 +70,10 @@ def check_outputs(args) -> None:
         check_output_dir(cache)
 
 
-def _writable(folder: Path) -> bool:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
-def default_embedding_cache(model_dir: Path, out_dir: str | os.PathLike | None) -> Path | None:
-    """``<model_dir>/../embeddings`` when writable, else ``<out>/embeddings`` (None without an --out)."""
-    beside = model_dir.resolve().parent / "embeddings"
-    if _writable(beside):
-        return beside
-    return Path(out_dir) / "embeddings" if out_dir else None
-
-
 def open_store(args, out_dir: str | os.PathLike | None = None):
     """(EmbeddingStore, model folder, embedding cache folder or None) for a command's arguments."""
     from medclipin.api import load, resolve_model_dir
-    from medclipin.eval.embeddings import EmbeddingStore
+    from medclipin.eval.embeddings import EmbeddingStore, default_embedding_cache
 
     model_dir = resolve_model_dir(args.checkpoint)
     model, processor = load(model_dir, device=args.device)  # fp32: bf16 is ~100x slower on CPUs without AMX
@@ -114,7 +95,7 @@ def load_split(manifest_path: str, split: str) -> tuple[Manifest, list[Record]]:
     records = manifest.records if split == "all" else manifest.split(split)
     if not records:
         counts = {s: len(manifest.split(s)) for s in ("train", "validate", "test")}
-        raise SystemExit(f"error: {manifest_path} has no records in split {split!r} (splits: {counts})")
+        raise ManifestError(f"{manifest_path} has no records in split {split!r} (splits: {counts})")
     return manifest, records
 
 
