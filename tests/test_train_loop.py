@@ -416,3 +416,29 @@ def test_a_resume_redoes_a_final_validation_that_failed(tmp_path):
     # done once: a further resume has nothing left to do
     assert pretrain(cfg, tmp_path / "run", resume="auto", progress=False, validate_fn=validate).steps == 2
     assert seen == [2]
+
+
+def test_gradient_monitor_logs_each_terms_pull_on_the_trunks(tmp_path):
+    """train.grad_monitor_every: metrics.csv gets gnorm_<trunk>_<term> on monitored steps; with detach_pre the
+    non-contrastive terms reach no trunk (the diagnostic of the CLIPin study), while the contrastive one does."""
+    import csv
+
+    from medclipin.train.trainer import pretrain
+    from test_train_support import tiny_config
+
+    def monitored(folder, *overrides):
+        cfg = tiny_config("train.steps=4", "train.log_every=4", "train.grad_monitor_every=2", *overrides)
+        pretrain(cfg, tmp_path / folder, progress=False)
+        with (tmp_path / folder / "metrics.csv").open(newline="") as handle:
+            return {int(r["step"]): r for r in csv.DictReader(handle)}
+
+    rows = monitored("plain")
+    assert set(rows) == {2, 4}  # a monitored step is logged even between log steps
+    for step in (2, 4):
+        for trunk in ("image", "text"):
+            for term in ("clip", "inter", "intra"):
+                assert float(rows[step][f"gnorm_{trunk}_{term}"]) > 0, (step, trunk, term)
+    detached = monitored("detached", "model.clipin.detach_pre=true")
+    for trunk in ("image", "text"):
+        assert float(detached[2][f"gnorm_{trunk}_clip"]) > 0
+        assert float(detached[2][f"gnorm_{trunk}_inter"]) == 0 and float(detached[2][f"gnorm_{trunk}_intra"]) == 0
