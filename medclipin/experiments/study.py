@@ -329,6 +329,49 @@ def plot(table: dict, path: Path) -> Path | None:
     return path
 
 
+def plot_monitors(results: list[dict], path: Path) -> Path | None:
+    """The stall, over training: each loss term's gradient norm on the image trunk and the contrastive term
+    itself, for CLIP + CLIPin from pretrained towers, from scratch, and from scratch with no non-contrastive
+    gradient into the shared pre-projector (seed 0 of each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [("clip_clipin", "pretrained towers"), ("scratch_clip_clipin", "from scratch"),
+             ("scratch_detach_pre", "from scratch, NC terms kept off the trunk"), ("scratch_onlyclip", "from scratch, ONLYCLIP")]
+    runs = {r["variant"]: r for r in results if r["grid"] == "stall" and r["seed"] == 0}
+    if not any(v in runs for v, _ in picks):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    for variant, label in picks:
+        run = runs.get(variant)
+        if run is None:
+            continue
+        grads = run["training"].get("gradient_norms") or []
+        curve = run["training"].get("curve") or []
+        steps = [g["step"] for g in grads]
+        for ax, term in ((axes[0], "clip"), (axes[1], "inter")):
+            values = [g.get(f"gnorm_image_{term}") for g in grads]
+            if any(v is not None for v in values):
+                ax.plot(steps, values, marker="o", label=label)
+        axes[2].plot([c["step"] for c in curve], [c.get("clip") for c in curve], label=label)
+    axes[0].set_title("gradient norm of L_CLIP on the image trunk")
+    axes[1].set_title("gradient norm of L_inter on the image trunk")
+    axes[2].set_title("L_CLIP (chance: ln 32 = 3.47)")
+    axes[2].axhline(math.log(32), color="0.6", linestyle=":", linewidth=1)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------------------ driver
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medclipin.experiments.study", description=__doc__.split("\n\n")[0])
@@ -383,6 +426,7 @@ def _write(out: Path, results: list[dict], budget: Budget) -> None:
                                                   "runs": results}, indent=2, default=str))
     (out / "study.md").write_text(markdown(table, budget))
     plot(table, out / "auc_vs_loose.png")
+    plot_monitors(results, out / "stall_monitors.png")
 
 
 def _machine() -> dict:
