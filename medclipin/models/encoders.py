@@ -90,11 +90,13 @@ class ImageEncoder(nn.Module):
         from timm.models import group_parameters
 
         groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
-        # groups are ordered stem (0), stage/block 1..N, then the head; the head is never frozen here
+        # groups are ordered: the stem (0), then the stages/blocks; the last group (the last stage, with the
+        # final norm or head where timm groups them together) always trains, so something adapts
         ordered = sorted(groups.items(), key=lambda item: item[0])
         if not 0 <= n_layers < len(ordered) - 1:
-            raise ValueError(f"model.image_encoder.freeze_layers={n_layers}: {self.model.__class__.__name__} has "
-                             f"{len(ordered) - 2} stages/blocks after its stem")
+            raise ValueError(f"model.image_encoder.freeze_layers={n_layers}: {self.model.__class__.__name__} can "
+                             f"freeze its stem and up to {len(ordered) - 2} of its {len(ordered) - 1} later groups "
+                             "(the last one always trains)")
         names = {name for _, members in ordered[:n_layers + 1] for name in members}
         for name, parameter in self.model.named_parameters():
             if name in names:
