@@ -183,3 +183,18 @@ def test_scheduler_drives_the_optimizer_lr():
     assert seen[0] == pytest.approx(2.5e-4) and seen[3] == pytest.approx(1e-3)
     assert seen[4] == pytest.approx(1e-3) and seen[-1] < 1e-4
     assert seen == pytest.approx([1e-3 * warmup_cosine(s, 4, 20) for s in range(20)])
+
+
+def test_tower_learning_rates_found_through_the_objective():
+    """build_optimizer(objective, cfg) without explicit lrs still gives the towers their own learning rates."""
+    from medclipin.train.objective import TrainingObjective
+
+    cfg = tiny_model_config("train.image_encoder_lr=1e-5", "train.text_encoder_lr=2e-5")
+    torch.manual_seed(0)
+    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels, vocab_size=200)
+    objective = TrainingObjective(model, cfg.model)
+    optimizer = build_optimizer(objective, cfg.train, torch.device("cpu"))
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert lrs[id(model.image_encoder.model.patch_embed.proj.weight)] == 1e-5
+    assert all(lrs[id(p)] == 2e-5 for p in model.text_encoder.parameters() if p.requires_grad)
+    assert lrs[id(model.image_proj.weight)] == cfg.train.lr

@@ -64,7 +64,8 @@ def parameter_groups(model: nn.Module, weight_decay: float,
 def tower_learning_rates(model: nn.Module, cfg: TrainConfig) -> list[tuple[nn.Module, float]]:
     """``(tower, lr)`` for each tower with its own learning rate (``train.image_encoder_lr`` /
     ``train.text_encoder_lr``; 0 means ``train.lr``). ``model`` is the inference model (its
-    ``image_encoder`` / ``text_encoder``)."""
+    ``image_encoder`` / ``text_encoder``) or a training objective around one."""
+    model = getattr(model, "model", model)  # a TrainingObjective: its inference model holds the towers
     pairs = []
     for attribute, lr in (("image_encoder", cfg.image_encoder_lr), ("text_encoder", cfg.text_encoder_lr)):
         if lr < 0:
