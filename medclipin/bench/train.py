@@ -409,6 +409,100 @@ def _mkldnn_bf16():
 
 
 # ---------------------------------------------------------------------------------------- runner
+def _matmul_peaks(device: torch.device, precision: str, peak_max_n: int | None, say) -> dict:
+    """The measured matmul peaks (fp32, bf16; fp16 too when the run uses it): MFU's denominator."""
+    say("measuring matmul peaks (fp32, bf16)")
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if precision == "fp16" else [])
+    return {str(dtype).replace("torch.", ""): matmul_peak(dtype, device, max_n=peak_max_n) for dtype in dtypes}
+
+
+def _time_rounds(built: list[Contender], device: torch.device, warmup: int, steps: int, say) -> None:
+    """One step of each contender per round, the first contender rotating; each step timed alone (wall and
+    process CPU time) with its peak memory."""
+    sampler = RssSampler().start() if device.type == "cpu" else None
+    last: dict[str, float] = {}
+    try:
+        for round_index in range(warmup + steps):
+            timed = round_index >= warmup
+            # rotate who goes first each round: a step's speed depends a little (2-3 % measured) on which
+            # contender ran just before it (caches, allocator), so every contender takes every position
+            shift = round_index % len(built)
+            for c in built[shift:] + built[:shift]:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    start_bytes = torch.cuda.memory_allocated(device)
+                else:
+                    start_bytes = sampler.reset()
+                synchronize(device)
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                c.step()
+                synchronize(device)
+                dt, cpu_dt = time.perf_counter() - t0, time.process_time() - cpu0
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak()
+                c.peak_bytes = max(c.peak_bytes, peak)
+                c.peak_step_bytes = max(c.peak_step_bytes, peak - start_bytes)
+                last[c.name] = dt
+                if timed:
+                    c.times.append(dt)
+                    c.cpu_times.append(cpu_dt)
+            say(f"round {round_index + 1}/{warmup + steps}" + ("" if timed else " (warm-up)") + ": "
+                + ", ".join(f"{name} {t:.3f}s" for name, t in last.items()))
+    finally:
+        if sampler is not None:
+            sampler.stop()
+
+
+def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_flops: float | None) -> dict:
+    """Per-contender medians, rates, MFU and memory, and the ratios the documentation quotes."""
+    result: dict = {}
+    per = {}
+    for c in built:
+        median = statistics.median(c.times) if c.times else float("nan")
+        achieved = c.info["flops_per_step"] / median if c.times else float("nan")
+        per[c.name] = {
+            **c.info,
+            "step_times_s": [round(t, 5) for t in c.times],
+            "median_step_s": median,
+            "step_cpu_times_s": [round(t, 5) for t in c.cpu_times],
+            "median_step_cpu_s": statistics.median(c.cpu_times) if c.cpu_times else float("nan"),
+            "samples_per_s": cfg.train.batch_size / median,
+            "achieved_flops_per_s": achieved,
+            "mfu": achieved / peak_flops if peak_flops else None,
+            "peak_memory_bytes": c.peak_bytes,
+            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled",
+            "step_memory_increase_bytes": c.peak_step_bytes,
+        }
+    result["contenders"] = per
+    if device.type == "cpu":
+        import resource
+
+        result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for name in CONTENDERS:
+        result[f"{name}_samples_per_s"] = per[name]["samples_per_s"] if name in per else None
+        result[f"{name}_mfu"] = per[name]["mfu"] if name in per else None
+    result["mfu"] = {name: per[name]["mfu"] for name in per}
+    if "clip" in per and "open_clip" in per:
+        result["clip_vs_open_clip"] = per["clip"]["samples_per_s"] / per["open_clip"]["samples_per_s"]
+    by_name = {c.name: c.times for c in built}
+    cpu = {name: per[name]["median_step_cpu_s"] for name in per}
+    if "clip" in per and "open_clip" in per:
+        # process CPU time per step: on a shared, oversubscribed machine it moves far less with other jobs'
+        # load than wall time (with 1 torch thread it is the step's own work)
+        result["clip_vs_open_clip_cpu_time"] = cpu["open_clip"] / cpu["clip"]
+    if "clip" in per and "clipin" in per:
+        result["clipin_step_vs_clip_step_cpu_time"] = cpu["clipin"] / cpu["clip"]
+    if "clip" in per and "open_clip" in per:
+        # the same ratio from each round's own pair of steps (robust to load drifting during the run)
+        result["clip_vs_open_clip_paired_median"] = statistics.median(
+            o / m for m, o in zip(by_name["clip"], by_name["open_clip"]))
+    if "clip" in per and "clipin" in per:
+        result["clipin_step_vs_clip_step"] = per["clipin"]["median_step_s"] / per["clip"]["median_step_s"]
+        result["clipin_step_vs_clip_step_paired_median"] = statistics.median(
+            b / a for a, b in zip(by_name["clip"], by_name["clipin"]))
+        result["clipin_flops_vs_clip_flops"] = per["clipin"]["flops_per_step"] / per["clip"]["flops_per_step"]
+    return result
+
+
 def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, steps: int = 10, warmup: int = 2,
                         contenders: tuple[str, ...] = CONTENDERS, device: str | torch.device | None = None,
                         config_path: str = "", seed: int = 0, measure_peak: bool = True,
@@ -455,17 +549,10 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         "compile": bool(cfg.train.compile),
     }
 
-    peaks = {}
-    if measure_peak:
-        say("measuring matmul peaks (fp32, bf16)")
-        for dtype in (torch.float32, torch.bfloat16):
-            peaks[str(dtype).replace("torch.", "")] = matmul_peak(dtype, device, max_n=peak_max_n)
+    peaks = _matmul_peaks(device, precision, peak_max_n, say) if measure_peak else {}
     result["matmul_peak"] = peaks
     used = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     peak_flops = peaks.get(used, {}).get("flops_per_s")
-    if precision == "fp16" and measure_peak:
-        peaks["float16"] = matmul_peak(torch.float16, device, max_n=peak_max_n)
-        peak_flops = peaks["float16"]["flops_per_s"]
     result["peak_flops_per_s"] = peak_flops
     result["peak_precision"] = used
 
@@ -491,37 +578,7 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         c.info["flops_per_step"] = count_flops(c.loss_backward)
         c.info["flops_per_sample"] = c.info["flops_per_step"] / cfg.train.batch_size
 
-    sampler = RssSampler().start() if device.type == "cpu" else None
-    last: dict[str, float] = {}
-    try:
-        for round_index in range(warmup + steps):
-            timed = round_index >= warmup
-            # rotate who goes first each round: a step's speed depends a little (2-3 % measured) on which
-            # contender ran just before it (caches, allocator), so every contender takes every position
-            shift = round_index % len(built)
-            for c in built[shift:] + built[:shift]:
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    start_bytes = torch.cuda.memory_allocated(device)
-                else:
-                    start_bytes = sampler.reset()
-                synchronize(device)
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                c.step()
-                synchronize(device)
-                dt, cpu_dt = time.perf_counter() - t0, time.process_time() - cpu0
-                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak()
-                c.peak_bytes = max(c.peak_bytes, peak)
-                c.peak_step_bytes = max(c.peak_step_bytes, peak - start_bytes)
-                last[c.name] = dt
-                if timed:
-                    c.times.append(dt)
-                    c.cpu_times.append(cpu_dt)
-            say(f"round {round_index + 1}/{warmup + steps}" + ("" if timed else " (warm-up)") + ": "
-                + ", ".join(f"{name} {t:.3f}s" for name, t in last.items()))
-    finally:
-        if sampler is not None:
-            sampler.stop()
+    _time_rounds(built, device, warmup, steps, say)
 
     if measure_peak:
         # the peak again after the timed steps (a shared machine's load changes): keep the better of the two
@@ -533,51 +590,7 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         peak_flops = peaks[used]["flops_per_s"] if used in peaks else peak_flops
         result["peak_flops_per_s"] = peak_flops
         result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    per = {}
-    for c in built:
-        median = statistics.median(c.times) if c.times else float("nan")
-        achieved = c.info["flops_per_step"] / median if c.times else float("nan")
-        per[c.name] = {
-            **c.info,
-            "step_times_s": [round(t, 5) for t in c.times],
-            "median_step_s": median,
-            "step_cpu_times_s": [round(t, 5) for t in c.cpu_times],
-            "median_step_cpu_s": statistics.median(c.cpu_times) if c.cpu_times else float("nan"),
-            "samples_per_s": cfg.train.batch_size / median,
-            "achieved_flops_per_s": achieved,
-            "mfu": achieved / peak_flops if peak_flops else None,
-            "peak_memory_bytes": c.peak_bytes,
-            "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled",
-            "step_memory_increase_bytes": c.peak_step_bytes,
-        }
-    result["contenders"] = per
-    if device.type == "cpu":
-        import resource
-
-        result["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    for name in CONTENDERS:
-        result[f"{name}_samples_per_s"] = per[name]["samples_per_s"] if name in per else None
-        result[f"{name}_mfu"] = per[name]["mfu"] if name in per else None
-    result["mfu"] = {name: per[name]["mfu"] for name in per}
-    if "clip" in per and "open_clip" in per:
-        result["clip_vs_open_clip"] = per["clip"]["samples_per_s"] / per["open_clip"]["samples_per_s"]
-    by_name = {c.name: c.times for c in built}
-    cpu = {name: per[name]["median_step_cpu_s"] for name in per}
-    if "clip" in per and "open_clip" in per:
-        # process CPU time per step: on a shared, oversubscribed machine it moves far less with other jobs'
-        # load than wall time (with 1 torch thread it is the step's own work)
-        result["clip_vs_open_clip_cpu_time"] = cpu["open_clip"] / cpu["clip"]
-    if "clip" in per and "clipin" in per:
-        result["clipin_step_vs_clip_step_cpu_time"] = cpu["clipin"] / cpu["clip"]
-    if "clip" in per and "open_clip" in per:
-        # the same ratio from each round's own pair of steps (robust to load drifting during the run)
-        result["clip_vs_open_clip_paired_median"] = statistics.median(
-            o / m for m, o in zip(by_name["clip"], by_name["open_clip"]))
-    if "clip" in per and "clipin" in per:
-        result["clipin_step_vs_clip_step"] = per["clipin"]["median_step_s"] / per["clip"]["median_step_s"]
-        result["clipin_step_vs_clip_step_paired_median"] = statistics.median(
-            b / a for a, b in zip(by_name["clip"], by_name["clipin"]))
-        result["clipin_flops_vs_clip_flops"] = per["clipin"]["flops_per_step"] / per["clip"]["flops_per_step"]
+    result.update(_summarise(built, cfg, device, peak_flops))
     if out_json:
         path = Path(out_json)
         path.parent.mkdir(parents=True, exist_ok=True)
