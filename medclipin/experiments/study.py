@@ -22,8 +22,9 @@ Every run logs per-term gradient norms on the image and text trunks and the per-
 A finished run (``OUT/runs/<grid>/<setting>/<variant>/seed<k>/result.json``) is reused when the same
 settings are asked for again, so the command can be stopped and restarted at any time.
 
-Writes ``OUT/results.json``, ``OUT/study.md`` (mean ± 95% CI over seeds, Student t) and
-``OUT/auc_vs_loose.png``.
+Writes ``OUT/results.json``, ``OUT/study.md`` (mean ± 95% CI over seeds, Student t; and the paired
+per-seed differences between each method and its baseline), ``OUT/auc_vs_loose.png`` and
+``OUT/stall_monitors.png``.
 """
 
 from __future__ import annotations
@@ -266,6 +267,67 @@ def aggregate(results: list[dict]) -> dict:
     return table
 
 
+# the comparisons the study is about: (method, its baseline) — each pair differs in one thing only
+CONTRASTS = [
+    ("clip_clipin", "onlyclip", "CLIP + CLIPin − ONLYCLIP (the non-contrastive terms alone)"),
+    ("clip_clipin", "clip", "CLIP + CLIPin − CLIP"),
+    ("siglip_clipin", "siglip", "SigLIP + CLIPin − SigLIP"),
+    ("xclip", "clip", "xCLIP − CLIP"),
+]
+CONTRAST_METRICS = ("auc", "t2i", "probe1", "probe10", "probe100")
+
+
+def paired_differences(results: list[dict]) -> list[dict]:
+    """Method minus baseline, seed by seed, with the 95% CI of the mean difference (Student t).
+
+    Runs of one seed share the data order, the augmentation draws and the towers' initial weights, so the
+    per-seed difference removes what the seeds have in common: a tighter test than comparing two means with
+    their own intervals. Also the *robustness* of each method: its loss from ``clean`` to each noisy
+    setting, and that loss compared between method and baseline. A difference counts as shown when its
+    interval excludes 0."""
+    by = {(r["grid"], r["setting"], r["variant"], r["seed"]): r for r in results if r["grid"] == "main"}
+    settings = sorted({k[1] for k in by}, key=list(SETTINGS).index)
+    rows = []
+
+    def add(kind: str, setting: str, method: str, baseline: str, label: str, value) -> None:
+        seeds = sorted(k[3] for k in by if k[1] == setting and k[2] == method)
+        for metric in CONTRAST_METRICS:
+            get = METRICS[metric][0]
+            diffs = [d for seed in seeds if (d := value(get, seed)) is not None]
+            if diffs:
+                rows.append({"kind": kind, "setting": setting, "method": method, "baseline": baseline,
+                             "label": label, "metric": metric, **_mean_ci(diffs)})
+
+    for method, baseline, label in CONTRASTS:
+        for setting in settings:
+            def level(get, seed, s=setting):
+                a, b = by.get(("main", s, method, seed)), by.get(("main", s, baseline, seed))
+                return None if a is None or b is None or get(a) is None or get(b) is None else get(a) - get(b)
+
+            add("difference", setting, method, baseline, label, level)
+            if setting == "clean":
+                continue
+
+            def robustness(get, seed, s=setting):
+                # (method's change from clean) − (baseline's change from clean): > 0 = the method loses less
+                keys = [("main", s, method, seed), ("main", "clean", method, seed), ("main", s, baseline, seed),
+                        ("main", "clean", baseline, seed)]
+                runs = [by.get(k) for k in keys]
+                if any(r is None or get(r) is None for r in runs):
+                    return None
+                return (get(runs[0]) - get(runs[1])) - (get(runs[2]) - get(runs[3]))
+
+            add("robustness", setting, method, baseline, label, robustness)
+    return rows
+
+
+def _fmt_difference(entry: dict) -> str:
+    if entry.get("half") is None:
+        return f"{entry['mean']:+.3f} (n={entry['n']})"
+    shown = " *" if entry["ci"][0] > 0 or entry["ci"][1] < 0 else ""
+    return f"{entry['mean']:+.3f} ± {entry['half']:.3f}{shown}"
+
+
 def _fmt(entry: dict) -> str:
     if entry["mean"] is None:
         return "n/a"
@@ -274,11 +336,32 @@ def _fmt(entry: dict) -> str:
     return f"{entry['mean']:.3f} ± {entry['half']:.3f}"
 
 
-def markdown(table: dict, budget: Budget) -> str:
+def budget_of_runs(results: list[dict]) -> str:
+    """The main grid's budget as the runs themselves recorded it (their cache keys), not as the command
+    that writes the report was called: ``--report-only`` may be run with other defaults."""
+    wanted = {"train.steps": "steps", "train.batch_size": "batch", "data.image.size": "px",
+              "data.text.max_length": "tokens"}
+    seen: dict[str, set] = {name: set() for name in wanted.values()}
+    for r in results:
+        if r["grid"] != "main":
+            continue
+        for override in (r.get("key") or {}).get("overrides", []):
+            name, _, value = override.partition("=")
+            if name in wanted:
+                seen[wanted[name]].add(value)
+    if not any(seen.values()):
+        return "budget: see each run's result.json"
+
+    def one(name: str) -> str:
+        return "/".join(sorted(seen[name], key=lambda v: float(v))) or "?"
+
+    return (f"Budget per run (main grid): {one('steps')} steps × batch {one('batch')}, {one('px')} px, "
+            f"max {one('tokens')} tokens")
+
+
+def markdown(table: dict, budget_line: str) -> str:
     lines = ["# CLIPin study: results", "",
-             f"Budget per run: {budget.steps} steps × batch {budget.batch_size}, {budget.image_size} px, max "
-             f"{budget.max_length} tokens, {budget.threads} threads. Mean ± 95% CI half-width over seeds (Student t; "
-             "n in the seeds column).", ""]
+             f"{budget_line}. Mean ± 95% CI half-width over seeds (Student t; n in the seeds column).", ""]
     for grid in ("main", "stall"):
         rows = [e for e in table.values() if e["grid"] == grid]
         if not rows:
@@ -288,6 +371,32 @@ def markdown(table: dict, budget: Budget) -> str:
         for e in rows:
             lines.append(f"| {e['setting']} | {e['label']} | {len(e['seeds'])} | "
                          + " | ".join(_fmt(e[name]) for name in METRICS) + f" | {e['train_s']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def differences_markdown(rows: list[dict]) -> str:
+    """The paired differences as tables: one row per (comparison, setting), one column per metric."""
+    lines = []
+    for kind, heading, note in (
+            ("difference", "Paired differences (method − baseline, same seeds)",
+             "Mean over seeds of the per-seed difference ± 95% CI half-width; * = the interval excludes 0."),
+            ("robustness", "Robustness (method's change from clean − baseline's change from clean)",
+             "> 0: the method loses less than its baseline when pairs become loose or repetitive; "
+             "* = the interval excludes 0.")):
+        picked = [r for r in rows if r["kind"] == kind]
+        if not picked:
+            continue
+        lines += [f"## {heading}", "", note, "",
+                  "| comparison | setting | " + " | ".join(METRICS[m][1] for m in CONTRAST_METRICS) + " |",
+                  "|---" * (len(CONTRAST_METRICS) + 2) + "|"]
+        groups: dict[tuple, dict] = {}
+        for r in picked:
+            groups.setdefault((r["label"], r["setting"]), {})[r["metric"]] = r
+        for (label, setting), cells in groups.items():
+            lines.append(f"| {label} | {setting} | "
+                         + " | ".join(_fmt_difference(cells[m]) if m in cells else "n/a" for m in CONTRAST_METRICS)
+                         + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -422,9 +531,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _write(out: Path, results: list[dict], budget: Budget) -> None:
     table = aggregate(results)
+    differences = paired_differences(results)
     (out / "results.json").write_text(json.dumps({"budget": budget.__dict__, "machine": _machine(), "table": table,
-                                                  "runs": results}, indent=2, default=str))
-    (out / "study.md").write_text(markdown(table, budget))
+                                                  "differences": differences, "runs": results},
+                                                 indent=2, default=str))
+    (out / "study.md").write_text(markdown(table, budget_of_runs(results)) + "\n" + differences_markdown(differences))
     plot(table, out / "auc_vs_loose.png")
     plot_monitors(results, out / "stall_monitors.png")
 
