@@ -359,29 +359,12 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     optimizer = build_optimizer(objective, tcfg, device, lrs=tower_learning_rates(model, tcfg))
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, consumed, nonfinite_total, best = 0, 0, 0, {}
-    if start_path is not None:
-        ckpt.load_checkpoint_weights(objective, start_path)
-        state = ckpt.load_training_state(start_path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, consumed = int(state["step"]), int(state["micro_step"])
-        nonfinite_total, best = int(state.get("nonfinite_total", 0)), dict(state.get("best", {}))
-        _restore_rng(state, dist_info, tcfg.seed, step)
-        if dist_info.is_main:
-            log.info("resumed from %s at step %d", start_path.name, step)
-    elif resume == "auto" and dist_info.is_main:
+    step, consumed, nonfinite_total, best = _restore(start_path, objective, optimizer, scheduler, scaler, dist_info,
+                                                     tcfg.seed)
+    if start_path is None and resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
-
-    # the run folder gets its files (config.yaml once; a resume never rewrites it)
     if dist_info.is_main:
-        run_folder.write_config(run_dir, cfg)
-        if trains_own_tokenizer(cfg) and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
-            save_tokenizer(processor.tokenizer, run_dir / "tokenizer")
-        if step == 0:  # left by a run of this folder killed before its first checkpoint: everything is redone
-            for stale in ("metrics.csv", "validation.jsonl", "rejects.csv"):
-                (run_dir / stale).unlink(missing_ok=True)
+        _write_run_files(run_dir, cfg, processor, step)
     if dist_info.enabled:
         dist.barrier()
 
@@ -404,6 +387,35 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
                 processor=processor, model=model, objective=objective, dataset=dataset, batches=batches,
                 optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_step=train_step, rejects=rejects,
                 step=step, best=best)
+
+
+def _restore(start_path: Path | None, objective, optimizer, scheduler, scaler, dist_info: DistInfo,
+             seed: int) -> tuple[int, int, int, dict]:
+    """Weights, optimiser, schedule, scaler and every RNG stream from a checkpoint (nothing when starting
+    fresh). Returns (step, micro-batches consumed, non-finite steps so far, best validation figures)."""
+    if start_path is None:
+        return 0, 0, 0, {}
+    ckpt.load_checkpoint_weights(objective, start_path)
+    state = ckpt.load_training_state(start_path)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    _restore_rng(state, dist_info, seed, step)
+    if dist_info.is_main:
+        log.info("resumed from %s at step %d", start_path.name, step)
+    return step, int(state["micro_step"]), int(state.get("nonfinite_total", 0)), dict(state.get("best", {}))
+
+
+def _write_run_files(run_dir: Path, cfg: Config, processor, step: int) -> None:
+    """The run folder's own files, written once everything that can refuse the run has passed: config.yaml
+    (once; a resume never rewrites it) and a tokenizer trained for this run."""
+    run_folder.write_config(run_dir, cfg)
+    if trains_own_tokenizer(cfg) and not (run_dir / "tokenizer" / "tokenizer.json").is_file():
+        save_tokenizer(processor.tokenizer, run_dir / "tokenizer")
+    if step == 0:  # left by a run of this folder killed before its first checkpoint: everything is redone
+        for stale in ("metrics.csv", "validation.jsonl", "rejects.csv"):
+            (run_dir / stale).unlink(missing_ok=True)
 
 
 def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
