@@ -447,34 +447,38 @@ def plot_monitors(results: list[dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    picks = [("clip_clipin", "pretrained towers"), ("scratch_clip_clipin", "from scratch"),
-             ("scratch_detach_pre", "from scratch, NC terms kept off the trunk"), ("scratch_onlyclip", "from scratch, ONLYCLIP")]
+    picks = [("clip_clipin", "pretrained towers: CLIP + CLIPin"), ("scratch_clip", "from scratch: CLIP"),
+             ("scratch_onlyclip", "from scratch: ONLYCLIP"), ("scratch_clip_clipin", "from scratch: CLIP + CLIPin"),
+             ("scratch_detach_pre", "from scratch: CLIP + CLIPin, NC terms kept off the trunk")]
     runs = {r["variant"]: r for r in results if r["grid"] == "stall" and r["seed"] == 0}
     if not any(v in runs for v, _ in picks):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    for variant, label in picks:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=110)
+    for index, (variant, label) in enumerate(picks):
         run = runs.get(variant)
         if run is None:
             continue
+        color = f"C{index}"
         grads = run["training"].get("gradient_norms") or []
         curve = run["training"].get("curve") or []
         steps = [g["step"] for g in grads]
-        for ax, term in ((axes[0], "clip"), (axes[1], "inter")):
+        axes[0].plot(steps, [g.get("gnorm_image_clip") for g in grads], marker="o", color=color, label=label)
+        for term, style in (("inter", "-"), ("intra", "--")):
             values = [g.get(f"gnorm_image_{term}") for g in grads]
-            if any(v is not None for v in values):
-                ax.plot(steps, values, marker="o", label=label)
-        axes[2].plot([c["step"] for c in curve], [c.get("clip") for c in curve], label=label)
+            if any(v for v in values):  # 0 where the terms are kept off the trunk: nothing to draw on a log axis
+                axes[1].plot(steps, values, marker="o", linestyle=style, color=color, label=f"{label}: L_{term}")
+        axes[2].plot([c["step"] for c in curve], [c.get("clip") for c in curve], color=color, label=label)
     axes[0].set_title("gradient norm of L_CLIP on the image trunk")
-    axes[1].set_title("gradient norm of L_inter on the image trunk")
+    axes[1].set_title("L_inter (solid), L_intra (dashed): gradient norm, image trunk")
     axes[2].set_title("L_CLIP (chance: ln 32 = 3.47)")
     axes[2].axhline(math.log(32), color="0.6", linestyle=":", linewidth=1)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5)
     for ax in axes[:2]:
         ax.set_yscale("log")
+    fig.suptitle("The contrastive term's plateau, over training (seed 0 of each run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
