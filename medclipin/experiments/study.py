@@ -274,7 +274,12 @@ CONTRASTS = [
     ("siglip_clipin", "siglip", "SigLIP + CLIPin − SigLIP"),
     ("xclip", "clip", "xCLIP − CLIP"),
 ]
-CONTRAST_METRICS = ("auc", "t2i", "probe1", "probe10", "probe100")
+STALL_CONTRASTS = [  # the stall grid's from-scratch runs (setting clean)
+    ("scratch_clip_clipin", "scratch_onlyclip", "from scratch: CLIP + CLIPin − ONLYCLIP"),
+    ("scratch_detach_pre", "scratch_clip_clipin", "from scratch: NC terms kept off the trunk − CLIP + CLIPin"),
+    ("scratch_onlyclip", "scratch_clip", "from scratch: ONLYCLIP − CLIP"),
+]
+CONTRAST_METRICS = ("auc", "t2i", "probe1", "probe10", "probe100", "clip_last")
 
 
 def paired_differences(results: list[dict]) -> list[dict]:
@@ -283,14 +288,14 @@ def paired_differences(results: list[dict]) -> list[dict]:
     Runs of one seed share the data order, the augmentation draws and the towers' initial weights, so the
     per-seed difference removes what the seeds have in common: a tighter test than comparing two means with
     their own intervals. Also the *robustness* of each method: its loss from ``clean`` to each noisy
-    setting, and that loss compared between method and baseline. A difference counts as shown when its
-    interval excludes 0."""
-    by = {(r["grid"], r["setting"], r["variant"], r["seed"]): r for r in results if r["grid"] == "main"}
-    settings = sorted({k[1] for k in by}, key=list(SETTINGS).index)
+    setting, and that loss compared between method and baseline; and the stall grid's from-scratch
+    contrasts. A difference counts as shown when its interval excludes 0."""
+    by = {(r["grid"], r["setting"], r["variant"], r["seed"]): r for r in results}
+    settings = sorted({k[1] for k in by if k[0] == "main"}, key=list(SETTINGS).index)
     rows = []
 
-    def add(kind: str, setting: str, method: str, baseline: str, label: str, value) -> None:
-        seeds = sorted(k[3] for k in by if k[1] == setting and k[2] == method)
+    def add(kind: str, setting: str, method: str, baseline: str, label: str, value, grid: str = "main") -> None:
+        seeds = sorted(k[3] for k in by if k[0] == grid and k[1] == setting and k[2] == method)
         for metric in CONTRAST_METRICS:
             get = METRICS[metric][0]
             diffs = [d for seed in seeds if (d := value(get, seed)) is not None]
@@ -318,6 +323,12 @@ def paired_differences(results: list[dict]) -> list[dict]:
                 return (get(runs[0]) - get(runs[1])) - (get(runs[2]) - get(runs[3]))
 
             add("robustness", setting, method, baseline, label, robustness)
+    for method, baseline, label in STALL_CONTRASTS:
+        def stall_level(get, seed, m=method, b=baseline):
+            a, c = by.get(("stall", "clean", m, seed)), by.get(("stall", "clean", b, seed))
+            return None if a is None or c is None or get(a) is None or get(c) is None else get(a) - get(c)
+
+        add("stall", "clean", method, baseline, label, stall_level, grid="stall")
     return rows
 
 
@@ -383,7 +394,9 @@ def differences_markdown(rows: list[dict]) -> str:
              "Mean over seeds of the per-seed difference ± 95% CI half-width; * = the interval excludes 0."),
             ("robustness", "Robustness (method's change from clean − baseline's change from clean)",
              "> 0: the method loses less than its baseline when pairs become loose or repetitive; "
-             "* = the interval excludes 0.")):
+             "* = the interval excludes 0."),
+            ("stall", "Paired differences, from-scratch runs of the stall grid",
+             "Same seeds; the last column is the final contrastive loss (chance: ln 32 = 3.466).")):
         picked = [r for r in rows if r["kind"] == kind]
         if not picked:
             continue
