@@ -13,8 +13,8 @@ all-MiniLM-L6-v2) with one short, equal budget for every run (``--steps``, batch
   ``repetitive`` (most normal train reports replaced by three fixed templates). Validate and test splits
   are identical in all four (``medclipin synth --loose-fraction/--repetitive-fraction``).
 * ``stall`` — CLIP + CLIPin with one thing changed at a time (text view, momentum 0.99 / cosine, fixed
-  λ_clip 5 / 20, the reference code's optimiser, a 3x budget, no non-contrastive gradient into the shared
-  pre-projector), and the from-scratch tiny towers where the contrastive term used to stall.
+  λ_clip 5 / 20, the reference code's optimiser, a 3x budget — with CLIP and ONLYCLIP at 3x too — and no
+  non-contrastive gradient into the shared pre-projector), and the from-scratch tiny towers where the contrastive term used to stall.
 
 Every run logs per-term gradient norms on the image and text trunks and the per-dimension embedding std
 (``metrics.csv``), and is scored on the held-out test split: zero-shot AUC (synthetic prompts, bootstrap
@@ -81,6 +81,7 @@ STALL = {  # variant → (config, overrides, label); every one is CLIP + CLIPin 
                    "diagnostic: no NC gradient into the shared pre-projector"),
     "long": ("cpu_clip_clipin", ["@steps*3"], "3x the budget"),
     "clip_long": ("cpu_clip", ["@steps*3"], "CLIP, 3x the budget"),
+    "onlyclip_long": ("cpu_onlyclip", ["@steps*3"], "ONLYCLIP, 3x the budget"),
     # where the contrastive term used to stall: both towers from scratch (tiny ViT + 3-layer BERT)
     "scratch_clip": ("tiny_clip", ["@scratch"], "from scratch: CLIP"),
     "scratch_onlyclip": ("tiny_clip_clipin", ["@scratch", "model.clipin.use_inter=false", "model.clipin.use_intra=false"],
@@ -274,10 +275,11 @@ CONTRASTS = [
     ("siglip_clipin", "siglip", "SigLIP + CLIPin − SigLIP"),
     ("xclip", "clip", "xCLIP − CLIP"),
 ]
-STALL_CONTRASTS = [  # the stall grid's from-scratch runs (setting clean)
+STALL_CONTRASTS = [  # within the stall grid (setting clean)
     ("scratch_clip_clipin", "scratch_onlyclip", "from scratch: CLIP + CLIPin − ONLYCLIP"),
     ("scratch_detach_pre", "scratch_clip_clipin", "from scratch: NC terms kept off the trunk − CLIP + CLIPin"),
     ("scratch_onlyclip", "scratch_clip", "from scratch: ONLYCLIP − CLIP"),
+    ("long", "onlyclip_long", "3x the budget: CLIP + CLIPin − ONLYCLIP"),
 ]
 CONTRAST_METRICS = ("auc", "t2i", "probe1", "probe10", "probe100", "clip_last")
 
@@ -395,7 +397,7 @@ def differences_markdown(rows: list[dict]) -> str:
             ("robustness", "Robustness (method's change from clean − baseline's change from clean)",
              "> 0: the method loses less than its baseline when pairs become loose or repetitive; "
              "* = the interval excludes 0."),
-            ("stall", "Paired differences, from-scratch runs of the stall grid",
+            ("stall", "Paired differences within the stall grid",
              "Same seeds; the last column is the final contrastive loss (chance: ln 32 = 3.466).")):
         picked = [r for r in rows if r["kind"] == kind]
         if not picked:
