@@ -79,7 +79,7 @@ STALL = {  # variant → (config, overrides, label); every one is CLIP + CLIPin 
     "reference_optimiser": ("cpu_clip_clipin", REFERENCE_OPTIMISER, "the reference code's optimiser"),
     "detach_pre": ("cpu_clip_clipin", ["model.clipin.detach_pre=true"],
                    "diagnostic: no NC gradient into the shared pre-projector"),
-    "long": ("cpu_clip_clipin", ["@steps*3"], "3x the budget"),
+    "long": ("cpu_clip_clipin", ["@steps*3"], "CLIP + CLIPin, 3x the budget"),
     "clip_long": ("cpu_clip", ["@steps*3"], "CLIP, 3x the budget"),
     "onlyclip_long": ("cpu_onlyclip", ["@steps*3"], "ONLYCLIP, 3x the budget"),
     # where the contrastive term used to stall: both towers from scratch (tiny ViT + 3-layer BERT)
@@ -253,6 +253,11 @@ METRICS = {  # column → (getter, heading)
 }
 
 
+def _label(grid: str, variant: str, recorded: str) -> str:
+    plan = METHODS if grid == "main" else STALL
+    return plan[variant][2] if variant in plan else recorded
+
+
 def aggregate(results: list[dict]) -> dict:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
@@ -260,7 +265,8 @@ def aggregate(results: list[dict]) -> dict:
     table = {}
     for (grid, setting, variant), runs in sorted(groups.items()):
         table[f"{grid}/{setting}/{variant}"] = {
-            "grid": grid, "setting": setting, "variant": variant, "label": runs[0]["label"],
+            # today's label (a cached run keeps the one it was made with)
+            "grid": grid, "setting": setting, "variant": variant, "label": _label(grid, variant, runs[0]["label"]),
             "seeds": sorted(r["seed"] for r in runs),
             **{name: _mean_ci([get(r) for r in runs]) for name, (get, _) in METRICS.items()},
             "train_s": float(np.mean([r["train_s"] for r in runs])),
@@ -272,6 +278,7 @@ def aggregate(results: list[dict]) -> dict:
 CONTRASTS = [
     ("clip_clipin", "onlyclip", "CLIP + CLIPin − ONLYCLIP (the non-contrastive terms alone)"),
     ("clip_clipin", "clip", "CLIP + CLIPin − CLIP"),
+    ("onlyclip", "clip", "ONLYCLIP − CLIP (CLIPin's network, its terms off)"),
     ("siglip_clipin", "siglip", "SigLIP + CLIPin − SigLIP"),
     ("xclip", "clip", "xCLIP − CLIP"),
 ]
@@ -395,7 +402,7 @@ def differences_markdown(rows: list[dict]) -> str:
             ("difference", "Paired differences (method − baseline, same seeds)",
              "Mean over seeds of the per-seed difference ± 95% CI half-width; * = the interval excludes 0."),
             ("robustness", "Robustness (method's change from clean − baseline's change from clean)",
-             "> 0: the method loses less than its baseline when pairs become loose or repetitive; "
+             "Positive: the method loses less than its baseline when pairs become loose or repetitive; "
              "* = the interval excludes 0."),
             ("stall", "Paired differences within the stall grid",
              "Same seeds; the last column is the final contrastive loss (chance: ln 32 = 3.466).")):
@@ -427,15 +434,19 @@ def plot(table: dict, path: Path) -> Path | None:
     drawn = False
     for variant, (_, _, label) in METHODS.items():
         for ax, metric in zip(axes, ("auc", "probe10")):
-            xs, ys, errs = [], [], []
+            xs, ys, errs, single = [], [], [], []
             for setting, fraction in fractions.items():
                 entry = table.get(f"main/{setting}/{variant}")
                 if entry and entry[metric]["mean"] is not None:
                     xs.append(fraction * 100)
                     ys.append(entry[metric]["mean"])
                     errs.append(entry[metric].get("half") or 0.0)
+                    single.append(entry[metric]["n"] < 2)
             if xs:
-                ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+                line = ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=label)
+                # a point from one seed has no interval: drawn hollow, so it is not read as a tight one
+                ax.scatter([x for x, s in zip(xs, single) if s], [y for y, s in zip(ys, single) if s], s=40,
+                           facecolors="white", edgecolors=line.lines[0].get_color(), zorder=3)
                 drawn = True
     if not drawn:
         plt.close(fig)
@@ -445,8 +456,8 @@ def plot(table: dict, path: Path) -> Path | None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("CLIPin study: accuracy against the share of loose image–report pairs (mean ± 95% CI, 3 seeds)",
-                 fontsize=10)
+    fig.suptitle("CLIPin study: accuracy against the share of loose image–report pairs (mean ± 95% CI over 3 "
+                 "seeds; hollow: one seed)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
