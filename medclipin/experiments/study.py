@@ -274,7 +274,8 @@ def aggregate(results: list[dict]) -> dict:
     return table
 
 
-# the comparisons the study is about: (method, its baseline) — each pair differs in one thing only
+# the comparisons the study is about: (method, its baseline, label); CLIPin − ONLYCLIP is the one that isolates
+# the non-contrastive terms (same network), the others are reported for context
 CONTRASTS = [
     ("clip_clipin", "onlyclip", "CLIP + CLIPin − ONLYCLIP (the non-contrastive terms alone)"),
     ("clip_clipin", "clip", "CLIP + CLIPin − CLIP"),
