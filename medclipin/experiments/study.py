@@ -313,13 +313,15 @@ def paired_differences(results: list[dict]) -> list[dict]:
                 rows.append({"kind": kind, "setting": setting, "method": method, "baseline": baseline,
                              "label": label, "metric": metric, **_mean_ci(diffs)})
 
+    def level(grid: str, setting: str, method: str, baseline: str):
+        def value(get, seed):
+            a, b = by.get((grid, setting, method, seed)), by.get((grid, setting, baseline, seed))
+            return None if a is None or b is None or get(a) is None or get(b) is None else get(a) - get(b)
+        return value
+
     for method, baseline, label in CONTRASTS:
         for setting in settings:
-            def level(get, seed, s=setting):
-                a, b = by.get(("main", s, method, seed)), by.get(("main", s, baseline, seed))
-                return None if a is None or b is None or get(a) is None or get(b) is None else get(a) - get(b)
-
-            add("difference", setting, method, baseline, label, level)
+            add("difference", setting, method, baseline, label, level("main", setting, method, baseline))
             if setting == "clean":
                 continue
 
@@ -334,11 +336,7 @@ def paired_differences(results: list[dict]) -> list[dict]:
 
             add("robustness", setting, method, baseline, label, robustness)
     for method, baseline, label in STALL_CONTRASTS:
-        def stall_level(get, seed, m=method, b=baseline):
-            a, c = by.get(("stall", "clean", m, seed)), by.get(("stall", "clean", b, seed))
-            return None if a is None or c is None or get(a) is None or get(c) is None else get(a) - get(c)
-
-        add("stall", "clean", method, baseline, label, stall_level, grid="stall")
+        add("stall", "clean", method, baseline, label, level("stall", "clean", method, baseline), grid="stall")
     return rows
 
 
