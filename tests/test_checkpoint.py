@@ -86,6 +86,51 @@ def test_checkpoint_holds_weights_with_the_ema_target_and_training_state(tmp_pat
     assert processor.to_dict() == tiny_processor.to_dict()
 
 
+def test_the_ema_targets_copies_of_frozen_layers_are_not_stored_and_come_back_from_the_model(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = tiny_model_config("model.text_encoder.freeze_layers=1", "model.image_encoder.freeze_layers=1",
+                            "model.image_encoder.kwargs={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}")
+    objective = build_objective(cfg)
+    frozen = objective.frozen_target_parameters()
+    assert any(".text_encoder.model.embeddings." in k for k in frozen)
+    assert any(".image_encoder.model.blocks.0." in k for k in frozen)
+    assert not any(".blocks.1." in k or "_nc." in k for k in frozen)  # trainable layers keep their EMA copy
+    own = objective.training_state_dict()
+    assert not set(own) & set(frozen) and any(k.startswith("clipin.target.image_encoder.model.blocks.1.") for k in own)
+    # training moves the trainable target weights; the frozen copies stay equal to the model's
+    optimizer = torch.optim.SGD([p for p in objective.parameters() if p.requires_grad], lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(4, 1, 32, 32, generator=g), "image_2": torch.randn(4, 1, 32, 32, generator=g),
+             "input_ids": torch.randint(5, 200, (4, 12), generator=g), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    before = {k: v.clone() for k, v in objective.state_dict().items()}
+    for step in range(2):
+        objective(batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        objective.after_optimizer_step(step + 1, 2)
+    state = objective.state_dict()
+    assert not torch.equal(state["clipin.target.image_encoder.model.blocks.1.attn.qkv.weight"],
+                           before["clipin.target.image_encoder.model.blocks.1.attn.qkv.weight"])
+    for name in frozen:
+        assert torch.equal(state[name], state["model." + name.removeprefix("clipin.target.")]), name
+    # the checkpoint leaves them out and a fresh objective gets every tensor back exactly
+    path = ckpt.save_checkpoint(tmp_path, 2, objective, None, fake_state())
+    with safe_open(str(path / ckpt.OBJECTIVE_NAME), "pt") as handle:
+        assert set(handle.keys()) == set(own)
+    resumed = build_objective(cfg, seed=1)
+    ckpt.load_checkpoint_weights(resumed, path)
+    for name, tensor in resumed.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    # a checkpoint written when they were still stored resumes too
+    save_file({k: v.contiguous() for k, v in state.items() if not k.startswith("model.")}, str(path / ckpt.OBJECTIVE_NAME))
+    older = build_objective(cfg, seed=2)
+    ckpt.load_checkpoint_weights(older, path)
+    for name, tensor in older.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
 def test_a_checkpoint_of_another_objective_or_format_is_refused(tmp_path, tiny_model):
     import json
 

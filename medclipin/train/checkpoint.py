@@ -190,7 +190,10 @@ def load_checkpoint_weights(objective, path: Path) -> None:
     try:
         _load_weights(objective.model, path / "model" / WEIGHTS_NAME, "cpu")
         expected = {k: tuple(v.shape) for k, v in objective.training_state_dict().items()}
-        check_weights_match(expected, read_safetensors_header(objective_file), objective_file, "this run's configuration")
+        found = read_safetensors_header(objective_file)
+        # checkpoints written before the EMA target's frozen copies were left out still hold them
+        expected |= {k: tuple(v.shape) for k, v in objective.frozen_target_parameters().items() if k in found}
+        check_weights_match(expected, found, objective_file, "this run's configuration")
         try:
             state = load_file(str(objective_file))
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -109,16 +109,32 @@ class ClipinPathway(nn.Module):
             raise ValueError(f"model.clipin.momentum_schedule must be 'fixed' or 'cosine', got {schedule!r}")
         return 1.0 - (1.0 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1.0) / 2.0
 
+    def frozen_target_parameters(self, model: MedClipModel) -> dict[str, nn.Parameter]:
+        """Target parameters whose online twin is frozen (``freeze``/``freeze_layers``), by their name in
+        ``target``, mapped to that online parameter.
+
+        An EMA of a constant is that constant: ξ starts as a copy of θ and lerp(θ, θ) = θ exactly, so these
+        target tensors always equal the online ones. They are neither updated nor written to checkpoints
+        (half of BioClinicalBERT with ``freeze_layers: 6``); loading fills them from the model.
+        """
+        if not self.active:
+            return {}
+        return {f"{name}.{pname}": parameter for name, _, _ in TARGET_MODULES
+                for pname, parameter in self.online(model, name).named_parameters() if not parameter.requires_grad}
+
     @torch.no_grad()
     def update_target(self, model: MedClipModel, momentum: float) -> None:
-        """ξ ← m·ξ + (1 − m)·θ for parameters; BatchNorm running statistics are copied (they are not weights)."""
+        """ξ ← m·ξ + (1 − m)·θ for parameters; BatchNorm running statistics are copied (they are not weights).
+        Frozen online parameters are skipped: their target copies already equal them."""
         if not self.active:
             return
         online_params, target_params = [], []
         for name, _, _ in TARGET_MODULES:
             online, target = self.online(model, name), self.target[name]
-            online_params.extend(online.parameters())
-            target_params.extend(target.parameters())
+            for (_, p_online), (_, p_target) in zip(online.named_parameters(), target.named_parameters()):
+                if p_online.requires_grad:
+                    online_params.append(p_online)
+                    target_params.append(p_target)
             for b_online, b_target in zip(online.buffers(), target.buffers()):
                 b_target.copy_(b_online)
         # one fused multi-tensor op instead of a Python loop over hundreds of tensors
@@ -194,17 +210,32 @@ class TrainingObjective(nn.Module):
         c = self.cfg.clipin
         return self.clipin is not None and self.clipin.active and not (c.use_inter and c.use_intra and c.use_contrastive)
 
+    def frozen_target_parameters(self) -> dict[str, nn.Parameter]:
+        """EMA-target parameters that always equal a frozen online parameter, by state-dict name
+        (see :meth:`ClipinPathway.frozen_target_parameters`): not part of :meth:`training_state_dict`."""
+        if self.clipin is None:
+            return {}
+        return {f"clipin.target.{k}": v for k, v in self.clipin.frozen_target_parameters(self.model).items()}
+
     def training_state_dict(self) -> dict[str, torch.Tensor]:
-        """The objective's own tensors (everything but the model's): what a checkpoint adds to ``model/``."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+        """The objective's own tensors (everything but the model's, and but the EMA target's copies of frozen
+        layers, which equal the model's): what a checkpoint adds to ``model/``."""
+        frozen = self.frozen_target_parameters()
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.") and k not in frozen}
 
     def load_training_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = self.training_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        """Load what :meth:`training_state_dict` returned (after the model's weights). The target's copies of
+        frozen layers come from the model; a checkpoint that still holds them (written before they were left
+        out) loads too."""
+        expected, frozen = self.training_state_dict(), self.frozen_target_parameters()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected) - set(frozen))
         if missing or unexpected:
             raise ValueError(f"checkpoint objective does not match this config (missing {missing[:4]}, "
                              f"unexpected {unexpected[:4]}): resume with the run's own config.yaml")
-        self.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()}, **state}, strict=True)
+        frozen_copies = {k: v.detach() for k, v in frozen.items()}
+        self.load_state_dict({**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                              **frozen_copies, **state}, strict=True)
 
     def reset_target(self) -> None:
         """Copy the online modules into the EMA target (call after loading pretrained weights)."""
