@@ -3,7 +3,8 @@
 A checkpoint is a folder ``RUN/checkpoints/step_00001200/`` holding the model in its
 ``save_pretrained`` form (``model/``: ``model.safetensors`` + ``config.json`` + processor and tokenizer,
 loadable for evaluation like any model folder), the training objective's own tensors
-(``objective.safetensors``: CLIPin heads, predictors, λ, EMA target; xCLIP heads) and
+(``objective.safetensors``: CLIPin heads, predictors, λ, EMA target except its copies of frozen layers,
+which equal the model's; xCLIP heads) and
 ``training_state.pt`` (optimizer, scheduler, scaler, RNG states, step, counters). The folder is
 assembled under a temporary name and renamed into place in one ``os.replace``: a kill at any moment
 leaves either the complete new checkpoint or none, and the previous one is intact. Loading uses
