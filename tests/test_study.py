@@ -41,6 +41,16 @@ def test_paired_differences_are_per_seed_differences_with_a_t_interval():
     assert "+0.060 ± 0.099" in table and "| CLIP + CLIPin − ONLYCLIP" in table
 
 
+def test_the_final_contrastive_loss_is_the_mean_of_the_last_fifth_of_training():
+    curve = [{"step": float(s), "clip": 3.0 - s / 100} for s in range(10, 130, 10)]  # 2.9 … 1.8
+    # steps 100, 110 and 120 are past 0.8 × 120 = 96
+    assert study._final_contrastive_loss({"curve": curve}) == pytest.approx((2.0 + 1.9 + 1.8) / 3)
+    siglip = [{"step": 10.0, "siglip": 7.0}, {"step": 20.0, "siglip": 5.0}]
+    assert study._final_contrastive_loss({"curve": siglip}) == pytest.approx(5.0)
+    # a result written before the curve was recorded: its last logged batch
+    assert study._final_contrastive_loss({"last": {"clip": 2.5}}) == 2.5
+
+
 @pytest.mark.slow
 def test_the_study_command_caches_its_runs_and_rebuilds_the_report(tmp_path, monkeypatch):
     args = ["--out", str(tmp_path), "--grid", "main", "--settings", "clean", "--variants", "clip", "onlyclip",
