@@ -101,6 +101,16 @@ def test_flop_count_plausible_for_tiny_vit():
     assert analytic / 2 < counted < analytic * 2
 
 
+def test_flop_count_of_the_cnn_towers_depthwise_convolutions_is_their_real_work():
+    """EfficientNet's depthwise convolutions (groups = channels) do 1/C of a full convolution's work: the MFU
+    of a CNN tower is low because they are memory-bound, not because they are miscounted."""
+    x = torch.randn(2, 16, 12, 12)
+    for groups in (1, 16):
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+        multiply_adds = 2 * 16 * 12 * 12 * 9 * (16 // groups)  # batch × out channels × pixels × kernel × in/group
+        assert count_flops(lambda: conv(x)) == 2 * multiply_adds
+
+
 def test_matmul_peak_small():
     peak = matmul_peak(torch.float32, torch.device("cpu"), max_n=128, target_s=0.01, repeats=1)
     assert peak["n"] <= 128 and peak["flops_per_s"] > 0
