@@ -147,10 +147,8 @@ def _default_table(root: Path) -> Path:
     return tables[0]
 
 
-def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
-    """A table under ``root`` -> records; options as :class:`Options` or keyword arguments."""
-    opts = make_options(Options, options, overrides)
-    root = Path(root)
+def _read_checked_table(root: Path, opts: Options) -> tuple[Path, list[dict]]:
+    """The table's rows, after checking that every column the options name exists."""
     table = Path(opts.table) if opts.table else _default_table(root)
     if not table.is_absolute() and not table.is_file():
         table = root / table
@@ -164,6 +162,36 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
     missing = [c for c in named if c and c not in columns]
     if missing:
         raise PrepareError(f"{table}: no column(s) {', '.join(map(repr, missing))}; columns are {sorted(columns)}")
+    return table, rows
+
+
+def _report_fields(row: dict, opts: Options) -> tuple[str, str, str]:
+    """(findings, impression, free text) of a row: named columns first, then sections of a whole report."""
+    findings = normalize_whitespace(row.get(opts.findings_column, "")) if opts.findings_column else ""
+    impression = normalize_whitespace(row.get(opts.impression_column, "")) if opts.impression_column else ""
+    text = normalize_whitespace(row.get(opts.text_column, "")) if opts.text_column else ""
+    if opts.report_column:
+        sections = extract_sections(row.get(opts.report_column, ""))
+        findings, impression = findings or sections.findings, impression or sections.impression
+        if not (findings or impression) and not text:
+            text = normalize_whitespace(row.get(opts.report_column, ""))
+    return findings, impression, text
+
+
+def _row_labels(row: dict, opts: Options, label_names: list[str]) -> dict[str, float | None]:
+    """Labels of a row: one class column (one-hot; empty = not stated) or one column per label.
+    Raises ValueError for a value that is not a label."""
+    if opts.label_column:
+        value = row[opts.label_column].strip()
+        return {n: (1.0 if n == value else 0.0) if value else None for n in label_names}
+    return {n: _label(row.get(n, "")) for n in label_names}
+
+
+def prepare(root: str | os.PathLike, options: Options | None = None, **overrides) -> PrepareResult:
+    """A table under ``root`` -> records; options as :class:`Options` or keyword arguments."""
+    opts = make_options(Options, options, overrides)
+    root = Path(root)
+    _, rows = _read_checked_table(root, opts)
     base = Path(opts.image_root) if opts.image_root else root
     if opts.label_column:
         label_names = sorted({r[opts.label_column].strip() for r in rows if r[opts.label_column].strip()})
@@ -191,30 +219,19 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
         if record_id in seen:
             skipped["duplicate row (same record id)"] += 1
             continue
-        findings = normalize_whitespace(row.get(opts.findings_column, "")) if opts.findings_column else ""
-        impression = normalize_whitespace(row.get(opts.impression_column, "")) if opts.impression_column else ""
-        text = normalize_whitespace(row.get(opts.text_column, "")) if opts.text_column else ""
-        if opts.report_column:
-            sections = extract_sections(row.get(opts.report_column, ""))
-            findings, impression = findings or sections.findings, impression or sections.impression
-            if not (findings or impression) and not text:
-                text = normalize_whitespace(row.get(opts.report_column, ""))
+        findings, impression, text = _report_fields(row, opts)
         if not (findings or impression or text):
             if opts.require_text:
                 skipped["no text"] += 1
                 continue
             notes["no text (kept)"] += 1
         try:
-            if opts.label_column:
-                value = row[opts.label_column].strip()
-                labels = {n: (1.0 if n == value else 0.0) if value else None for n in label_names}
-                if not value:
-                    notes["label not stated"] += 1
-            else:
-                labels = {n: _label(row.get(n, "")) for n in label_names}
+            labels = _row_labels(row, opts, label_names)
         except ValueError:
             skipped["invalid label value"] += 1
             continue
+        if opts.label_column and not row[opts.label_column].strip():
+            notes["label not stated"] += 1
         patient_value = row[opts.patient_column].strip() if opts.patient_column else record_id
         patient = patient_of(patient_value, opts.patient_pattern)
         if opts.split_column:
