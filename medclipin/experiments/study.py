@@ -300,6 +300,11 @@ STALL_CONTRASTS = [  # within the stall grid (setting clean)
     ("scratch_detach_pre", "scratch_clip_clipin", "from scratch: NC terms kept off the trunk − CLIP + CLIPin"),
     ("scratch_onlyclip", "scratch_clip", "from scratch: ONLYCLIP − CLIP"),
     ("long", "onlyclip_long", "3x the budget: CLIP + CLIPin − ONLYCLIP"),
+    ("onlyclip_long", "clip_long", "3x the budget: ONLYCLIP − CLIP"),
+    # each pretrained-tower knob against CLIP + CLIPin as shipped (same seeds, one thing changed)
+    *((knob, "clip_clipin", f"{STALL[knob][2]} − as shipped")
+      for knob in ("text_view", "momentum_0.99", "momentum_cosine", "lambda_clip_5", "lambda_clip_20",
+                   "reference_optimiser", "detach_pre")),
 ]
 CONTRAST_METRICS = ("auc", "t2i", "probe1", "probe10", "probe100", "clip_last")
 
