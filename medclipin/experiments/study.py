@@ -448,7 +448,7 @@ def plot(table: dict, path: Path) -> Path | None:
 
     fractions = {"clean": 0.0, "loose20": 0.2, "loose40": 0.4}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
-    drawn = False
+    drawn, any_single = False, False
     for variant, (_, _, label) in METHODS.items():
         for ax, metric in zip(axes, ("auc", "probe10")):
             xs, ys, errs, single = [], [], [], []
@@ -464,7 +464,7 @@ def plot(table: dict, path: Path) -> Path | None:
                 # a point from one seed has no interval: drawn hollow, so it is not read as a tight one
                 ax.scatter([x for x, s in zip(xs, single) if s], [y for y, s in zip(ys, single) if s], s=40,
                            facecolors="white", edgecolors=line.lines[0].get_color(), zorder=3)
-                drawn = True
+                drawn, any_single = True, any_single or any(single)
     if not drawn:
         plt.close(fig)
         return None
@@ -473,8 +473,8 @@ def plot(table: dict, path: Path) -> Path | None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("CLIPin study: accuracy against the share of loose image–report pairs (mean ± 95% CI over 3 "
-                 "seeds; hollow: one seed)", fontsize=10)
+    fig.suptitle("CLIPin study: accuracy against the share of loose image–report pairs (mean ± 95% CI over the "
+                 "seeds" + ("; hollow: one seed)" if any_single else ")"), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
