@@ -51,6 +51,16 @@ def test_the_final_contrastive_loss_is_the_mean_of_the_last_fifth_of_training():
     assert study._final_contrastive_loss({"last": {"clip": 2.5}}) == 2.5
 
 
+def test_the_report_takes_every_finished_seed_not_only_the_default_three(tmp_path):
+    for seed, auc in ((0, 0.70), (1, 0.72), (4, 0.74)):  # seed 4: an extra seed run with --seeds 4
+        run = tmp_path / "runs" / "main" / "clean" / "clip" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "result.json").write_text(json.dumps(_fake("clean", "clip", seed, auc)))
+    assert study.main(["--out", str(tmp_path), "--report-only"]) == 0
+    entry = json.loads((tmp_path / "results.json").read_text())["table"]["main/clean/clip"]
+    assert entry["seeds"] == [0, 1, 4] and entry["auc"]["mean"] == pytest.approx(0.72)
+
+
 @pytest.mark.slow
 def test_the_study_command_caches_its_runs_and_rebuilds_the_report(tmp_path, monkeypatch):
     args = ["--out", str(tmp_path), "--grid", "main", "--settings", "clean", "--variants", "clip", "onlyclip",

@@ -540,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=Budget.image_size)
     parser.add_argument("--patients", type=int, default=Budget.patients)
     parser.add_argument("--threads", type=int, default=Budget.threads)
-    parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and the plot")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild the tables and the plots, from every finished run (any seed)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -556,12 +557,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.variants:
         plan = [p for p in plan if p[2] in args.variants]
     results = []
+    if args.report_only:  # every finished run of the planned cells, whatever seeds it has (extra seeds too)
+        for grid, setting, variant in dict.fromkeys((g, s, v) for g, s, v, _ in plan):
+            runs = (out / "runs" / grid / setting / variant).glob("seed*/result.json")
+            results += [json.loads(path.read_text()) for path in sorted(runs, key=lambda p: int(p.parent.name[4:]))]
+        plan = []
     for index, (grid, setting, variant, seed) in enumerate(plan, 1):
-        result_path = out / "runs" / grid / setting / variant / f"seed{seed}" / "result.json"
-        if args.report_only:
-            if result_path.is_file():
-                results.append(json.loads(result_path.read_text()))
-            continue
         manifest = dataset(out, setting, budget.patients)
         start = time.perf_counter()
         record = run_one(out, grid, setting, variant, seed, manifest, budget)
