@@ -70,6 +70,10 @@ def test_the_study_command_caches_its_runs_and_rebuilds_the_report(tmp_path, mon
         result = json.loads((tmp_path / "runs" / "main" / "clean" / variant / "seed0" / "result.json").read_text())
         assert 0.0 <= result["zeroshot"]["mean_auc"] <= 1.0 and set(result["probe"]) == {"0.01", "0.1", "1"}
         assert result["training"]["gradient_norms"], "the per-term gradient monitor reached the result"
+        # a finished run keeps its model and logs, not its checkpoints (the study never resumes from them)
+        run = tmp_path / "runs" / "main" / "clean" / variant / "seed0" / "run"
+        assert (run / "model" / "model.safetensors").is_file() and (run / "metrics.csv").is_file()
+        assert not (run / "checkpoints").exists()
     report = (tmp_path / "study.md").read_text()
     assert "| clean | CLIP | 1 |" in report and "ONLYCLIP" in report
     assert (tmp_path / "auc_vs_loose.png").stat().st_size > 0

@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -156,8 +157,6 @@ def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifes
             return cached
     train_dir = run_dir / "run"
     if train_dir.exists():  # an interrupted run of the study's own: redo it from scratch
-        import shutil
-
         shutil.rmtree(train_dir)
     cfg = load_config(config, overrides)
     torch.set_num_threads(budget.threads)
@@ -188,6 +187,9 @@ def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifes
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     result_path.write_text(json.dumps(record, indent=2))
+    # A finished run keeps its model, config.yaml and metrics.csv. Its checkpoints (60 % of a run's disk, 156 of
+    # 257 MB here) only serve resuming, and the study redoes an interrupted run from scratch instead.
+    shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
     return record
 
 
