@@ -51,14 +51,17 @@ def test_the_final_contrastive_loss_is_the_mean_of_the_last_fifth_of_training():
     assert study._final_contrastive_loss({"last": {"clip": 2.5}}) == 2.5
 
 
-def test_the_report_takes_every_finished_seed_not_only_the_default_three(tmp_path):
-    for seed, auc in ((0, 0.70), (1, 0.72), (4, 0.74)):  # seed 4: an extra seed run with --seeds 4
-        run = tmp_path / "runs" / "main" / "clean" / "clip" / f"seed{seed}"
+def test_the_report_covers_every_finished_run_in_the_folder(tmp_path):
+    runs = [("clip", 0, 0.70), ("clip", 1, 0.72), ("clip", 4, 0.74), ("onlyclip", 0, 0.71)]  # seed 4: --seeds 4
+    for variant, seed, auc in runs:
+        run = tmp_path / "runs" / "main" / "clean" / variant / f"seed{seed}"
         run.mkdir(parents=True)
-        (run / "result.json").write_text(json.dumps(_fake("clean", "clip", seed, auc)))
-    assert study.main(["--out", str(tmp_path), "--report-only"]) == 0
-    entry = json.loads((tmp_path / "results.json").read_text())["table"]["main/clean/clip"]
-    assert entry["seeds"] == [0, 1, 4] and entry["auc"]["mean"] == pytest.approx(0.72)
+        (run / "result.json").write_text(json.dumps(_fake("clean", variant, seed, auc)))
+    # a narrower command (here one variant, default seeds 0-2) still reports the whole folder
+    assert study.main(["--out", str(tmp_path), "--variants", "clip", "--report-only"]) == 0
+    table = json.loads((tmp_path / "results.json").read_text())["table"]
+    assert table["main/clean/clip"]["seeds"] == [0, 1, 4] and table["main/clean/clip"]["auc"]["mean"] == pytest.approx(0.72)
+    assert table["main/clean/onlyclip"]["seeds"] == [0]
 
 
 @pytest.mark.slow

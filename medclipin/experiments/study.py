@@ -2,7 +2,7 @@
 
     python -m medclipin.experiments.study --out runs/study                 # the whole plan, resumable
     python -m medclipin.experiments.study --out runs/study --grid main --settings clean loose40
-    python -m medclipin.experiments.study --out runs/study --report-only   # tables + plot from what ran
+    python -m medclipin.experiments.study --out runs/study --report-only   # tables + plots from every finished run
 
 Two grids, both on the offline-pretrained CPU towers (``cpu_*`` configs: ImageNet EfficientNet-Lite0 +
 all-MiniLM-L6-v2) with one short, equal budget for every run (``--steps``, batch, image size):
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=Budget.patients)
     parser.add_argument("--threads", type=int, default=Budget.threads)
     parser.add_argument("--report-only", action="store_true",
-                        help="only rebuild the tables and the plots, from every finished run (any seed)")
+                        help="train nothing, only rebuild the report (it always covers every finished run in --out)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -558,28 +558,32 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("stall", "clean", v, seed) for seed in args.seeds for v in STALL]
     if args.variants:
         plan = [p for p in plan if p[2] in args.variants]
-    results = []
-    if args.report_only:  # every finished run of the planned cells, whatever seeds it has (extra seeds too)
-        for grid, setting, variant in dict.fromkeys((g, s, v) for g, s, v, _ in plan):
-            runs = (out / "runs" / grid / setting / variant).glob("seed*/result.json")
-            results += [json.loads(path.read_text()) for path in sorted(runs, key=lambda p: int(p.parent.name[4:]))]
+    if args.report_only:
         plan = []
     for index, (grid, setting, variant, seed) in enumerate(plan, 1):
         manifest = dataset(out, setting, budget.patients)
         start = time.perf_counter()
         record = run_one(out, grid, setting, variant, seed, manifest, budget)
-        results.append(record)
         log.info("[%d/%d] %s/%s/%s seed %d: AUC %.3f, R@10 %.3f/%.3f, probe10 %s (%.0f s)", index, len(plan), grid,
                  setting, variant, seed, record["zeroshot"]["mean_auc"] or float("nan"),
                  record["retrieval"]["i2t_R@10"], record["retrieval"]["t2i_R@10"], record["probe"].get("0.1"),
                  time.perf_counter() - start)
-        _write(out, results, budget)
-    _write(out, results, budget)
+        _write(out, budget)
+    _write(out, budget)
     print(f"wrote {out / 'study.md'}, {out / 'results.json'}")
     return 0
 
 
-def _write(out: Path, results: list[dict], budget: Budget) -> None:
+def finished_runs(out: Path) -> list[dict]:
+    """Every finished run in the study folder, whichever command or ``--seeds`` made it: the report always
+    describes the whole folder, so running a few more seeds of one cell adds to it instead of replacing it."""
+    paths = (out / "runs").glob("*/*/*/seed*/result.json")
+    key = lambda p: (*p.parts[-5:-2], int(p.parent.name.removeprefix("seed")))  # noqa: E731
+    return [json.loads(path.read_text()) for path in sorted(paths, key=key)]
+
+
+def _write(out: Path, budget: Budget) -> None:
+    results = finished_runs(out)
     table = aggregate(results)
     differences = paired_differences(results)
     (out / "results.json").write_text(json.dumps({"budget": budget.__dict__, "machine": _machine(), "table": table,
