@@ -58,16 +58,28 @@ def load_processor(model_dir: str | os.PathLike) -> Processor:
     raise ProcessorError(f"{model_dir}: no {PROCESSOR_NAME}: the model was saved without its processor")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[MedClipModel, Processor]:
-    """``(model, processor)`` from a model, run or checkpoint folder, ready for inference (eval mode, fp32).
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "") -> tuple[MedClipModel, Processor]:
+    """``(model, processor)`` from a medclipin folder or a third-party CLIP, ready for inference (eval mode, fp32).
 
     Args:
-        path: ``RUN`` (uses ``RUN/model``), ``RUN/checkpoints/step_N`` or a model folder.
+        path: ``RUN`` (uses ``RUN/model``), ``RUN/checkpoints/step_N`` or a model folder; or a base CLIP spec
+            (:mod:`medclipin.models.bases`): ``open_clip:local-dir:DIR``, ``hf:DIR``, ``open_clip:ARCH`` with
+            ``weights``.
         device: ``"cpu"``, ``"cuda"``, ...
+        weights: the weights file of an ``open_clip:ARCH`` spec (OpenAI archive, ``epoch_N.pt``, ...).
 
     Raises:
         ModelFolderError: the path is not a model folder (the message names it and what is missing).
+        BaseError: a base spec cannot be loaded (the message says why).
     """
+    from medclipin.models.bases import is_base_spec, load_base
+
+    if is_base_spec(str(path)):
+        model, processor = load_base(str(path), weights)
+        return model.to(device).float().eval(), processor
+    if weights:
+        raise ModelFolderError(f"{path}: weights are given with an open_clip:<arch> spec only; a medclipin folder "
+                               "holds its own")
     model_dir = resolve_model_dir(path)
     model = MedClipModel.from_pretrained(model_dir).to(device).float().eval()
     return model, load_processor(model_dir)

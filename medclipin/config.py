@@ -93,8 +93,14 @@ class DataConfig:
 # -------------------------------------------------------------------------------------------- model
 @dataclass
 class ImageEncoderConfig:
-    """A timm model. ``name`` is any timm architecture; ``pretrained`` a local folder/file or hub tag."""
+    """An image tower: ``family`` picks the library (models/towers.py registry), ``name`` the architecture.
 
+    ``timm``: ``name`` is any timm architecture, ``pretrained`` a weights spec. ``open_clip`` / ``hf_clip``
+    (the image half of a whole CLIP, set by ``model.base``): ``kwargs`` holds the library's own architecture
+    config, so a saved model rebuilds without a download.
+    """
+
+    family: str = "timm"
     name: str = "vit_tiny_patch16_224"
     # weights spec (models/weights.py): "" = random init; package:<pip name> (offline weight package);
     # a local file or folder; "hub" = timm's pretrained tag of `name` (downloads once)
@@ -112,8 +118,14 @@ class ImageEncoderConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """A Hugging Face BERT-family model: built from ``config`` offline, or loaded from ``pretrained``."""
+    """A text tower: ``family`` picks the library (models/towers.py registry).
 
+    ``hf``: a Hugging Face BERT-family model, built from ``config`` offline or loaded from ``pretrained``.
+    ``open_clip`` / ``hf_clip`` (the text half of a whole CLIP, set by ``model.base``): ``config`` holds the
+    library's own architecture config.
+    """
+
+    family: str = "hf"
     # weights spec (models/weights.py): package:<pip name>, a local from_pretrained folder, or a hub id;
     # empty = build from `config` (random init)
     pretrained: str = ""
@@ -186,6 +198,14 @@ class XclipConfig:
 
 @dataclass
 class ModelConfig:
+    # A whole pretrained CLIP to start from (models/bases.py): "open_clip:<arch>" (weights in base_weights),
+    # "open_clip:local-dir:<folder>", "hf:<folder>" (a transformers CLIPModel folder), or a medclipin model
+    # folder. It replaces both towers, their projections, the temperature and the processor's image and
+    # text settings; empty = towers from image_encoder / text_encoder.
+    base: str = ""
+    base_weights: str = ""  # open_clip:<arch>: an OpenAI TorchScript archive, epoch_N.pt, .safetensors; "random"
+    # true: the base's towers with new projections and temperature (the reference code's choice)
+    base_fresh_heads: bool = False
     image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)

@@ -22,8 +22,12 @@ from medclipin.data.manifest import Manifest, ManifestError, Record, read_manife
 
 def add_model_arguments(parser, manifest_required: bool = True) -> None:
     parser.add_argument("--checkpoint", required=True,
-                        help="model folder (model.safetensors + config.json), a run folder (uses RUN/model) "
-                             "or a checkpoint folder")
+                        help="model folder (model.safetensors + config.json), a run folder (uses RUN/model), a "
+                             "checkpoint folder, or a third-party CLIP: open_clip:local-dir:DIR, hf:DIR, "
+                             "open_clip:ARCH with --weights FILE")
+    parser.add_argument("--weights", default="",
+                        help="weights file of an open_clip:ARCH checkpoint (OpenAI .pt archive, epoch_N.pt, "
+                             ".safetensors)")
     parser.add_argument("--manifest", required=manifest_required, default=None, help="manifest CSV/JSONL")
     parser.add_argument("--embedding-cache", default="",
                         help="folder for cached embeddings (default: <checkpoint model folder>/../embeddings if "
@@ -75,15 +79,24 @@ def open_store(args, out_dir: str | os.PathLike | None = None):
     from medclipin.api import load, resolve_model_dir
     from medclipin.eval.embeddings import EmbeddingStore, default_embedding_cache
 
-    model_dir = resolve_model_dir(args.checkpoint)
-    model, processor = load(model_dir, device=args.device)  # fp32: bf16 is ~100x slower on CPUs without AMX
+    from medclipin.models.bases import is_base_spec
+
+    weights = getattr(args, "weights", "") or ""
+    if is_base_spec(args.checkpoint):  # a third-party CLIP: no folder of ours to cache beside
+        model, processor = load(args.checkpoint, device=args.device, weights=weights)
+        model_dir = Path(args.checkpoint + (f"@{weights}" if weights else ""))
+        default_cache = Path(out_dir) / "embeddings" if out_dir else None
+    else:
+        model_dir = resolve_model_dir(args.checkpoint)
+        model, processor = load(model_dir, device=args.device, weights=weights)  # fp32: bf16 is ~100x slower on CPUs without AMX
+        default_cache = None
     choice = (args.embedding_cache or "").strip()
     if choice.lower() == "none":
         cache_dir = None
     elif choice:
         cache_dir = Path(choice)
     else:
-        cache_dir = default_embedding_cache(model_dir, out_dir)
+        cache_dir = default_cache if is_base_spec(args.checkpoint) else default_embedding_cache(model_dir, out_dir)
     store = EmbeddingStore(model, processor, cache_dir=cache_dir, image_cache=args.image_cache,
                            batch_size=args.batch_size, num_workers=args.num_workers)
     return store, model_dir, cache_dir

@@ -1,7 +1,7 @@
-"""Domain encoders: a timm image tower and a Hugging Face BERT-family text tower.
+"""The ``timm`` image tower family and the ``hf`` (BERT-family) text tower family.
 
 Both build from configuration alone (no download), load from a local folder, or — for a user who is
-online — from a hub name.
+online — from a hub name. The tower contract and the registry are in :mod:`medclipin.models.towers`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from medclipin.config import ImageEncoderConfig, TextEncoderConfig
+from medclipin.models.towers import (ImageTower, TextTower, TowerError, freeze as _freeze, register_image_tower,
+                                     register_text_tower)
 from medclipin.models.weights import WeightsError, parse_weights, timm_pretrained_overlay, _offline
 
 
@@ -23,17 +25,13 @@ from medclipin.models.weights import WeightsError, parse_weights, timm_pretraine
 EncoderLoadError = WeightsError
 
 
-def _freeze(module: nn.Module) -> None:
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-
-
 def is_vit_like(model: nn.Module) -> bool:
     """A timm model that works on patch tokens (ViT, DeiT, EVA, ...) rather than feature maps."""
     return hasattr(model, "patch_embed") and hasattr(model, "blocks")
 
 
-class ImageEncoder(nn.Module):
+@register_image_tower("timm")
+class ImageEncoder(ImageTower):
     """A timm model without its classifier; ``forward`` returns the pooled feature (ViT: CLS after the final norm).
 
     Any timm family works: CNNs (EfficientNet, ResNet, ConvNeXt, ...) and ViTs.
@@ -146,6 +144,10 @@ class ImageEncoder(nn.Module):
         layer = self.gradcam_layer()[0]
         return next((name for name, module in self.model.named_modules() if module is layer), type(layer).__name__)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(enable)
+
     # A class-activation map is as fine as the layer it is read from. Classic Grad-CAM reads ResNet-50's
     # last stage at 224 px: 7 x 7. At smaller inputs a CNN's last stage shrinks to 4 x 4, where most cells
     # touch the zero padding (measured on the demo model: pointing game 0.02, against 0.42 one stage up).
@@ -160,32 +162,40 @@ class ImageEncoder(nn.Module):
         in ``feature_info`` whose map is at least 7 x 7 at this tower's input size (ResNet ``layer4`` and
         EfficientNet ``blocks.6`` at 224 px; one stage up, at stride 16, at 128 px), already spatial.
         """
-        model = self.model
-        if is_vit_like(model):
-            prefix = int(getattr(model, "num_prefix_tokens", 1))
-            grid = model.patch_embed.grid_size
+        return timm_gradcam_layer(self.model, self.image_size, self.MIN_CAM_SIDE)
 
-            def reshape(tokens: torch.Tensor) -> torch.Tensor:
-                patches = tokens[:, prefix:, :]
-                batch, _, channels = patches.shape
-                return patches.reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
 
-            return model.blocks[-1].norm1, reshape
-        info = getattr(model, "feature_info", None)
-        if info:
-            stages = info if isinstance(info, list) else [{"module": m, "reduction": r}
-                                                         for m, r in zip(info.module_name(), info.reduction())]
-            chosen = stages[-1]
-            for stage in reversed(stages):
-                if math.ceil(self.image_size / int(stage["reduction"])) >= self.MIN_CAM_SIDE:
-                    chosen = stage
-                    break
-            return model.get_submodule(chosen["module"]), None
-        for name in ("stages", "layer4"):
-            if hasattr(model, name):
-                module = getattr(model, name)
-                return (module[-1] if name == "stages" else module), None
-        raise NotImplementedError(f"no Grad-CAM layer known for {type(model).__name__}")
+def patch_tokens_to_grid(prefix: int, grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, prefix + h*w, C) tokens → (B, C, h, w) patch map (class/register tokens dropped)."""
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, prefix:, :]
+        batch, _, channels = patches.shape
+        return patches.reshape(batch, grid[0], grid[1], channels).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def timm_gradcam_layer(model: nn.Module, image_size: int, min_side: int = ImageEncoder.MIN_CAM_SIDE):
+    """Grad-CAM layer of a timm model (see :meth:`ImageEncoder.gradcam_layer`); shared with towers that
+    wrap a timm trunk (open_clip's ``TimmModel``)."""
+    if is_vit_like(model):
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
+        return model.blocks[-1].norm1, patch_tokens_to_grid(prefix, tuple(model.patch_embed.grid_size))
+    info = getattr(model, "feature_info", None)
+    if info:
+        stages = info if isinstance(info, list) else [{"module": m, "reduction": r}
+                                                     for m, r in zip(info.module_name(), info.reduction())]
+        chosen = stages[-1]
+        for stage in reversed(stages):
+            if math.ceil(image_size / int(stage["reduction"])) >= min_side:
+                chosen = stage
+                break
+        return model.get_submodule(chosen["module"]), None
+    for name in ("stages", "layer4"):
+        if hasattr(model, name):
+            module = getattr(model, name)
+            return (module[-1] if name == "stages" else module), None
+    raise NotImplementedError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 
 def _model_from_config(config):
@@ -250,7 +260,8 @@ def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
     raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {last}") from last
 
 
-class TextEncoder(nn.Module):
+@register_text_tower("hf")
+class TextEncoder(TextTower):
     """A Hugging Face BERT-family encoder with CLS or mean pooling.
 
     Built from ``cfg.config`` (a ``BertConfig`` dict; ``vocab_size`` comes from the tokenizer) when
@@ -279,11 +290,10 @@ class TextEncoder(nn.Module):
             if vocab_size is None:
                 raise ValueError("building a text encoder from config needs the tokenizer's vocab_size")
             self.model = _model_from_config(BertConfig(vocab_size=vocab_size, **cfg.config))
+        _check_bidirectional(self.model.config, cfg.pretrained)
         self.out_dim = int(self.model.config.hidden_size)
         if cfg.grad_checkpointing:
-            # transformers >= 5 renamed it (the old name still works, with a deprecation warning)
-            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
-            enable()
+            self.set_grad_checkpointing(True)
         self.frozen_layers = 0
         if cfg.freeze:
             _freeze(self.model)
@@ -340,6 +350,13 @@ class TextEncoder(nn.Module):
     def hf_config(self) -> dict:
         return self.model.config.to_dict()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        # transformers >= 5 renamed these (the old names still work, with a deprecation warning)
+        if enable:
+            (getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable)()
+        elif any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules()):
+            (getattr(self.model, "activation_checkpointing_disable", None) or self.model.gradient_checkpointing_disable)()
+
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_hidden: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -350,6 +367,25 @@ class TextEncoder(nn.Module):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=return_hidden)
         pooled = self._pool(outputs.last_hidden_state, attention_mask)
         return (pooled, outputs.hidden_states[-2]) if return_hidden else pooled
+
+
+# Text models that read left to right (causal attention): a [CLS] or mean pool of them is not the feature
+# they were trained to produce, and every text can come out with the same [CLS] vector.
+_CAUSAL_TYPES = {"gpt2", "gpt_neo", "gptj", "llama", "mistral", "opt", "bloom", "falcon", "qwen2", "phi", "gemma"}
+
+
+def _check_bidirectional(config, spec: str) -> None:
+    """Refuse, in one line, a text model the ``hf`` family would pool wrongly: CLIP text towers (causal,
+    pooled at the end-of-text token: the ``hf_clip`` family or ``model.base: hf:DIR``) and decoders."""
+    model_type = getattr(config, "model_type", "")
+    where = f"model.text_encoder.pretrained={spec!r}" if spec else "model.text_encoder"
+    if model_type in ("clip", "clip_text_model", "siglip", "siglip_text_model"):
+        raise TowerError(f"{where}: a {model_type} model is causal and pooled at its end-of-text token, not by "
+                         "cls/mean pooling; load the whole CLIP with model.base: hf:<folder>, or set "
+                         "model.text_encoder.family: hf_clip")
+    if getattr(config, "is_decoder", False) or model_type in _CAUSAL_TYPES:
+        raise TowerError(f"{where}: a causal ({model_type or 'decoder'}) model cannot be pooled by cls/mean "
+                         "as the hf family does; use a bidirectional (BERT-family) encoder")
 
 
 class _Passthrough(nn.Module):

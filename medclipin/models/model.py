@@ -31,7 +31,7 @@ from medclipin.atomic import replace_directory
 from medclipin.config import (ContrastiveConfig, ImageEncoderConfig, ModelConfig, TextEncoderConfig, _build,
                               config_to_dict)
 from medclipin.errors import MedclipinError
-from medclipin.models.encoders import ImageEncoder, TextEncoder
+from medclipin.models.towers import build_image_tower, build_text_tower
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class ModelSpec:
         pre_dim: width of the shared pre-projector in front of each projection (CLIPin's; 0 = none).
         image_size, in_chans: the image tower's input.
         init_logit_scale, init_logit_bias, max_logit_scale: the temperature's start and bound.
+        image_proj_bias, text_proj_bias: the projections (and pre-projectors) have a bias. CLIP's have
+            none; a model started from one keeps them bias-free so that it exports exactly.
     """
 
     image_encoder: ImageEncoderConfig
@@ -83,6 +85,8 @@ class ModelSpec:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = 0.0
     max_logit_scale: float = math.log(100)
+    image_proj_bias: bool = True
+    text_proj_bias: bool = True
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, image_size: int, in_chans: int) -> "ModelSpec":
@@ -131,8 +135,8 @@ def _known(config_class, values: dict, section: str) -> dict:
     return {k: v for k, v in (values or {}).items() if k in fields}
 
 
-def _projection_input(in_dim: int, pre_dim: int) -> nn.Module:
-    return nn.Linear(in_dim, pre_dim) if pre_dim else nn.Identity()
+def _projection_input(in_dim: int, pre_dim: int, bias: bool) -> nn.Module:
+    return nn.Linear(in_dim, pre_dim, bias=bias) if pre_dim else nn.Identity()
 
 
 class MedClipModel(nn.Module):
@@ -161,13 +165,13 @@ class MedClipModel(nn.Module):
         if spec.kind not in KINDS:
             raise ValueError(f"model kind must be 'clip' or 'siglip', got {spec.kind!r}")
         self.spec = spec
-        self.image_encoder = ImageEncoder(spec.image_encoder, in_chans=spec.in_chans, image_size=spec.image_size)
-        self.text_encoder = TextEncoder(spec.text_encoder, vocab_size=vocab_size, hf_config=text_hf_config)
+        self.image_encoder = build_image_tower(spec.image_encoder, in_chans=spec.in_chans, image_size=spec.image_size)
+        self.text_encoder = build_text_tower(spec.text_encoder, vocab_size=vocab_size, hf_config=text_hf_config)
         d_img, d_txt = self.image_encoder.out_dim, self.text_encoder.out_dim
-        self.image_pre = _projection_input(d_img, spec.pre_dim)
-        self.text_pre = _projection_input(d_txt, spec.pre_dim)
-        self.image_proj = nn.Linear(spec.pre_dim or d_img, spec.embed_dim)
-        self.text_proj = nn.Linear(spec.pre_dim or d_txt, spec.embed_dim)
+        self.image_pre = _projection_input(d_img, spec.pre_dim, spec.image_proj_bias)
+        self.text_pre = _projection_input(d_txt, spec.pre_dim, spec.text_proj_bias)
+        self.image_proj = nn.Linear(spec.pre_dim or d_img, spec.embed_dim, bias=spec.image_proj_bias)
+        self.text_proj = nn.Linear(spec.pre_dim or d_txt, spec.embed_dim, bias=spec.text_proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(float(spec.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(spec.init_logit_bias))) if spec.kind == "siglip" else None
 
@@ -236,8 +240,11 @@ class MedClipModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def config_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "model": self.spec.to_dict(),
-                "text_hf_config": self.text_encoder.hf_config()}
+        values = {"format_version": FORMAT_VERSION, "model": self.spec.to_dict()}
+        text_hf_config = self.text_encoder.hf_config()
+        if text_hf_config is not None:
+            values["text_hf_config"] = text_hf_config
+        return values
 
     def save_pretrained(self, directory: str | os.PathLike, processor=None) -> Path:
         """Write ``config.json`` + ``model.safetensors`` (+ the processor) into ``directory``, atomically.

@@ -30,7 +30,7 @@ from medclipin.losses import (
     contrastive_loss,
     embedding_std,
 )
-from medclipin.models.encoders import ImageEncoder, TextEncoder
+from medclipin.models.towers import ImageTower, TextTower
 from medclipin.train.heads import ClipinPredictors, NonContrastiveProjector
 from medclipin.models.model import MedClipModel
 
@@ -323,9 +323,5 @@ def _switch_off_dropout(encoder: nn.Module) -> None:
 
 
 def _disable_grad_checkpointing(module: nn.Module) -> None:
-    if isinstance(module, ImageEncoder) and hasattr(module.model, "set_grad_checkpointing"):
-        module.model.set_grad_checkpointing(False)
-    elif isinstance(module, TextEncoder) and any(getattr(m, "gradient_checkpointing", False) is True
-                                                 for m in module.model.modules()):
-        disable = getattr(module.model, "activation_checkpointing_disable", None) or module.model.gradient_checkpointing_disable
-        disable()
+    if isinstance(module, (ImageTower, TextTower)):
+        module.set_grad_checkpointing(False)

@@ -1,0 +1,228 @@
+"""Export a medclipin model as an open_clip ``local-dir`` folder or a transformers ``CLIPModel`` folder.
+
+The exported model embeds as medclipin's does: a CLIPin pre-projector and the projection after it fold into
+one linear map (``W = W_proj · W_pre``; biases fold the same way and must vanish where the target format's
+projection has none). What the target format cannot hold exactly is refused in one line naming why; nothing
+is approximated.
+
+* ``open_clip``: models whose towers are open_clip's (the ``open_clip`` family: started from an open_clip or
+  OpenAI CLIP, BiomedCLIP, ...) → ``open_clip_config.json`` + ``open_clip_model.safetensors`` (+ the tokenizer
+  for HF-tokenizer text towers), loaded by ``open_clip.create_model_and_transforms('local-dir:DIR')``.
+* ``hf``: CLIP-architecture towers (the ``hf_clip`` family, or open_clip's ViT + causal text transformer) →
+  ``config.json`` + ``model.safetensors`` + tokenizer + ``preprocessor_config.json``, loaded by
+  ``transformers.CLIPModel.from_pretrained(DIR)``. Converting open_clip's layout is a renaming (the fused
+  attention input projection split into q/k/v).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from medclipin.atomic import replace_directory
+from medclipin.errors import MedclipinError
+
+FORMATS = ("open_clip", "hf")
+
+
+class ExportError(MedclipinError, ValueError):
+    """A model cannot be exported exactly in the asked format; the message says why."""
+
+
+def folded_projection(model, modality: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W (embed, width), b or None)`` of pre-projector ∘ projection as one linear map."""
+    pre, proj = getattr(model, f"{modality}_pre"), getattr(model, f"{modality}_proj")
+    weight, bias = proj.weight.detach().double(), None if proj.bias is None else proj.bias.detach().double()
+    if isinstance(pre, torch.nn.Linear):
+        pre_weight = pre.weight.detach().double()
+        if pre.bias is not None:
+            shift = weight @ pre.bias.detach().double()
+            bias = shift if bias is None else bias + shift
+        weight = weight @ pre_weight
+    return weight.float(), None if bias is None else bias.float()
+
+
+def _no_bias(model, modality: str, target: str) -> torch.Tensor:
+    weight, bias = folded_projection(model, modality)
+    if bias is not None and float(bias.abs().max()) > 0:
+        raise ExportError(f"the {modality} projection has a bias ({float(bias.abs().max()):.2g}) and {target}'s has "
+                          "none: only models started from a CLIP base (bias-free projections) export exactly")
+    return weight
+
+
+def export_model(model, processor, out: str | Path, fmt: str) -> Path:
+    """Write ``model`` (+ its processor) into ``out`` in format ``fmt`` (``open_clip`` or ``hf``), atomically."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    writer = _write_open_clip if fmt == "open_clip" else _write_hf
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        writer(model.float().eval(), processor, staging, out.resolve())
+        replace_directory(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _save(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+
+
+def _families(model) -> tuple[str, str]:
+    return model.spec.image_encoder.family, model.spec.text_encoder.family
+
+
+# ------------------------------------------------------------------------------------ open_clip
+def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
+    image_family, text_family = _families(model)
+    if (image_family, text_family) != ("open_clip", "open_clip"):
+        raise ExportError(f"open_clip export needs open_clip towers (a model started from an open_clip or OpenAI "
+                          f"CLIP); this model's are {image_family} + {text_family}")
+    import open_clip
+
+    model_cfg = json.loads(json.dumps(model.spec.image_encoder.kwargs["model_cfg"]))
+    if model.kind == "siglip":
+        model_cfg["init_logit_bias"] = float(model.logit_bias)
+    else:
+        model_cfg.pop("init_logit_bias", None)
+    state = {f"{k}": v for k, v in model.image_encoder.state_dict().items()}
+    visual, text = model.image_encoder.visual, model.text_encoder.text
+    weight = _no_bias(model, "image", "open_clip")
+    if isinstance(visual, open_clip.transformer.VisionTransformer):
+        state["visual.proj"] = weight.T
+    elif isinstance(visual, open_clip.timm_model.TimmModel) and model.image_encoder.projection_taken:
+        state["visual.head.proj.weight"] = weight
+    elif not torch.allclose(weight, torch.eye(weight.shape[0], weight.shape[1]), atol=0):
+        raise ExportError("the image tower's head stays inside it and the model's image projection is no longer "
+                          "the identity: open_clip has no place for it")
+    text_weight = _no_bias(model, "text", "open_clip")
+    text_state = model.text_encoder.state_dict()
+    if model.text_encoder.is_hf:
+        state.update(text_state)
+        if isinstance(text.proj, torch.nn.Identity) and text.output_dim != model.text_encoder.out_dim:
+            state["text.proj.weight"] = text_weight
+        elif not torch.allclose(text_weight, torch.eye(*text_weight.shape), atol=0):
+            raise ExportError("the text tower's MLP head stays inside it and the model's text projection is no "
+                              "longer the identity: open_clip has no place for it")
+        text_cfg = model_cfg["text_cfg"]
+        # open_clip builds the HF text model from hf_model_name's config.json; the folder carries it
+        (folder / "config.json").write_text(json.dumps(model.text_encoder.hf_config(), indent=2))
+        processor.tokenizer.save_pretrained(str(folder))
+        text_cfg.update(hf_model_name=str(final), hf_tokenizer_name=str(final), hf_model_pretrained=False)
+    else:
+        state.update({k[len("text."):]: v for k, v in text_state.items()})
+        state["text_projection"] = text_weight.T
+    state["logit_scale"] = model.logit_scale.detach().reshape(())
+    if model.kind == "siglip":
+        state["logit_bias"] = model.logit_bias.detach().reshape(())
+    image_cfg = processor.image_cfg
+    preprocess = {"size": int(image_cfg.size), "mode": "RGB", "mean": list(image_cfg.mean), "std": list(image_cfg.std),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                             indent=2))
+    _save(state, folder / "open_clip_model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- hf
+def _write_hf(model, processor, folder: Path, final: Path) -> None:
+    from transformers import CLIPConfig
+
+    image_family, text_family = _families(model)
+    if image_family == "hf_clip" and text_family == "hf_clip":
+        vision_config = dict(model.spec.image_encoder.kwargs["vision_config"])
+        text_config = dict(model.spec.text_encoder.config["text_config"])
+        state = {**{k: v for k, v in model.image_encoder.state_dict().items()},
+                 **{k: v for k, v in model.text_encoder.state_dict().items()}}
+    elif image_family == "open_clip" and text_family == "open_clip":
+        vision_config, text_config, state = _open_clip_to_hf(model)
+    else:
+        raise ExportError(f"hf export needs CLIP-architecture towers (ViT + causal text transformer); this model's "
+                          f"are {image_family} + {text_family} (a {model.spec.image_encoder.name} tower has no "
+                          "place in transformers' CLIPModel)")
+    state["visual_projection.weight"] = _no_bias(model, "image", "transformers' CLIPModel")
+    state["text_projection.weight"] = _no_bias(model, "text", "transformers' CLIPModel")
+    state["logit_scale"] = model.logit_scale.detach().reshape(())
+    if model.kind == "siglip":
+        raise ExportError("a SigLIP-trained model has a logit bias that transformers' CLIPModel cannot hold; "
+                          "export it with --format open_clip")
+    config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=model.embed_dim,
+                        logit_scale_init_value=float(model.logit_scale))
+    config.architectures = ["CLIPModel"]
+    (folder / "config.json").write_text(config.to_json_string())
+    _save(state, folder / "model.safetensors")
+    processor.tokenizer.save_pretrained(str(folder))
+    image_cfg = processor.image_cfg
+    size = int(image_cfg.size)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_normalize": True,
+        "image_mean": list(image_cfg.mean), "image_std": list(image_cfg.std), "do_convert_rgb": True,
+        "resample": 3, "rescale_factor": 1 / 255, "do_rescale": True}, indent=2))
+
+
+def _act_name(model_cfg: dict) -> str:
+    return "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+
+
+def _open_clip_to_hf(model) -> tuple[dict, dict, dict]:
+    """open_clip ViT + text transformer → HF CLIP configs and state dict (a renaming, q/k/v split)."""
+    import open_clip
+
+    visual, text = model.image_encoder.visual, model.text_encoder.text
+    model_cfg = model.spec.image_encoder.kwargs["model_cfg"]
+    vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    plain_vit = (isinstance(visual, open_clip.transformer.VisionTransformer) and visual.attn_pool is None
+                 and getattr(visual, "pool_type", "tok") == "tok" and not isinstance(visual.ln_pre, torch.nn.Identity)
+                 and not vision_cfg.get("ls_init_value") and not vision_cfg.get("final_ln_after_pool"))
+    plain_text = (not model.text_encoder.is_hf and getattr(text, "pool_type", "argmax") in ("argmax", "eos")
+                  and not text_cfg.get("ls_init_value") and not text_cfg.get("no_causal_mask"))
+    if not (plain_vit and plain_text):
+        raise ExportError("hf export covers OpenAI-CLIP-shaped open_clip models (class-token ViT, causal text "
+                          "transformer pooled at end-of-text); this one differs: use --format open_clip")
+    act = _act_name(model_cfg)
+    width, layers = int(vision_cfg["width"]), int(vision_cfg["layers"])
+    vision_config = {
+        "hidden_size": width, "intermediate_size": int(width * vision_cfg.get("mlp_ratio", 4.0)),
+        "num_hidden_layers": layers, "num_attention_heads": width // int(vision_cfg.get("head_width", 64)),
+        "image_size": int(vision_cfg.get("image_size", 224)), "patch_size": int(vision_cfg["patch_size"]),
+        "num_channels": 3, "hidden_act": act, "layer_norm_eps": 1e-5, "projection_dim": model.embed_dim}
+    t_width = int(text_cfg.get("width", 512))
+    text_config = {
+        "vocab_size": int(text_cfg.get("vocab_size", 49408)), "hidden_size": t_width,
+        "intermediate_size": int(t_width * text_cfg.get("mlp_ratio", 4.0)),
+        "num_hidden_layers": int(text_cfg.get("layers", 12)), "num_attention_heads": int(text_cfg.get("heads", 8)),
+        "max_position_embeddings": int(text_cfg.get("context_length", 77)), "hidden_act": act, "layer_norm_eps": 1e-5,
+        "projection_dim": model.embed_dim, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+    state: dict[str, torch.Tensor] = {
+        "vision_model.embeddings.class_embedding": visual.class_embedding,
+        "vision_model.embeddings.patch_embedding.weight": visual.conv1.weight,
+        "vision_model.embeddings.position_embedding.weight": visual.positional_embedding,
+        "vision_model.pre_layrnorm.weight": visual.ln_pre.weight, "vision_model.pre_layrnorm.bias": visual.ln_pre.bias,
+        "vision_model.post_layernorm.weight": visual.ln_post.weight,
+        "vision_model.post_layernorm.bias": visual.ln_post.bias,
+        "text_model.embeddings.token_embedding.weight": text.token_embedding.weight,
+        "text_model.embeddings.position_embedding.weight": text.positional_embedding,
+        "text_model.final_layer_norm.weight": text.ln_final.weight, "text_model.final_layer_norm.bias": text.ln_final.bias,
+    }
+    for prefix, blocks in (("vision_model", visual.transformer.resblocks), ("text_model", text.transformer.resblocks)):
+        for i, block in enumerate(blocks):
+            out = f"{prefix}.encoder.layers.{i}"
+            for name, weight in zip(("q", "k", "v"), block.attn.in_proj_weight.chunk(3)):
+                state[f"{out}.self_attn.{name}_proj.weight"] = weight
+            for name, bias in zip(("q", "k", "v"), block.attn.in_proj_bias.chunk(3)):
+                state[f"{out}.self_attn.{name}_proj.bias"] = bias
+            pairs = (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+                     ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"))
+            for source, target in pairs:
+                module = block.get_submodule(source)
+                state[f"{out}.{target}.weight"], state[f"{out}.{target}.bias"] = module.weight, module.bias
+    return vision_config, text_config, state
