@@ -37,7 +37,9 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
         if (candidate / WEIGHTS_NAME).is_file() and (candidate / CONFIG_NAME).is_file():
             return candidate
     hint = ""
-    if (path / "checkpoints").is_dir() and not (path / "model").is_dir():
+    if (path / "open_clip_config.json").is_file():
+        hint = f" (an open_clip folder: load it as open_clip:local-dir:{path})"
+    elif (path / "checkpoints").is_dir() and not (path / "model").is_dir():
         hint = " (a run folder without a final model: the run did not finish; use one of its checkpoints/step_*)"
     raise ModelFolderError(f"{path}: no medclipin model here (expected {WEIGHTS_NAME} + {CONFIG_NAME} in it "
                            f"or in its model/ folder){hint}")

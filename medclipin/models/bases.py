@@ -215,7 +215,8 @@ def _open_clip_parts(base: BaseSpec) -> _Parts:
         model_cfg = values.get("model_cfg")
         if not isinstance(model_cfg, dict):
             raise BaseError(f"{base}: open_clip_config.json has no model_cfg")
-        model = open_clip.create_model(f"{LOCAL_DIR}{base.name}", device="cpu")
+        # the folder holds every weight: no base text weights are fetched for an HF text tower
+        model = open_clip.create_model(f"{LOCAL_DIR}{base.name}", device="cpu", pretrained_text=False)
         if open_clip.factory._find_checkpoint_in_dir(Path(base.name)) is None:
             raise BaseError(f"{base}: no weights file in {base.name} (open_clip_model.safetensors, "
                             "open_clip_pytorch_model.bin, ...)")
@@ -242,7 +243,9 @@ def _open_clip_parts(base: BaseSpec) -> _Parts:
     if text_cfg.get("hf_tokenizer_name"):
         from medclipin.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(text_cfg["hf_tokenizer_name"])
+        # as open_clip does: a local-dir folder's own tokenizer files first, else hf_tokenizer_name
+        own = base.local_dir and any((Path(base.name) / f).is_file() for f in ("tokenizer.json", "vocab.txt"))
+        tokenizer = load_tokenizer(base.name if own else text_cfg["hf_tokenizer_name"])
     elif text_cfg.get("hf_model_name") or text_cfg.get("vocab_size", 49408) != 49408:
         raise BaseError(f"{base}: its tokenizer is not CLIP's BPE and it names no hf_tokenizer_name")
     else:

@@ -302,6 +302,9 @@ def read_model_config(directory: Path) -> dict:
         raise ModelFolderError(f"{config_path}: not readable JSON ({exc})") from None
     if not isinstance(saved, dict):
         raise ModelFolderError(f"{config_path}: top level must be an object")
+    if "model_type" in saved and "model" not in saved:  # a transformers folder
+        raise ModelFolderError(f"{directory}: a transformers {saved['model_type']!r} folder, not a medclipin model"
+                               + (f"; load it as hf:{directory}" if saved["model_type"] == "clip" else ""))
     version = saved.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelFolderError(f"{config_path}: format_version {version!r} is newer than this medclipin "

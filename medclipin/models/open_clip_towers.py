@@ -65,7 +65,7 @@ def _split_visual(visual: nn.Module) -> tuple[nn.Module, int, bool]:
         width = int(visual.proj.shape[0])
         visual.proj = None
         return visual, width, True
-    if isinstance(visual, open_clip.timm_model.TimmModel) and list(visual.head.keys()) in (["drop", "proj"], ["proj"]):
+    if isinstance(visual, open_clip.timm_model.TimmModel) and [name for name, _ in visual.head.named_children()] in (["drop", "proj"], ["proj"]):
         width = int(visual.head.proj.in_features)
         visual.head.proj = nn.Identity()
         return visual, width, True
@@ -80,7 +80,7 @@ def take_projection(module_owner: nn.Module, kind: str) -> tuple[torch.Tensor, t
         visual = module_owner.visual
         if isinstance(visual, open_clip.transformer.VisionTransformer) and isinstance(visual.proj, nn.Parameter):
             return visual.proj.detach().T.clone(), None
-        if isinstance(visual, open_clip.timm_model.TimmModel) and list(visual.head.keys()) in (["drop", "proj"], ["proj"]):
+        if isinstance(visual, open_clip.timm_model.TimmModel) and [name for name, _ in visual.head.named_children()] in (["drop", "proj"], ["proj"]):
             proj = visual.head.proj
             return proj.weight.detach().clone(), None if proj.bias is None else proj.bias.detach().clone()
         return None

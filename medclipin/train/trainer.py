@@ -27,6 +27,8 @@ run rebuilds the epoch's index list, skips the consumed batches and continues bi
 
 from __future__ import annotations
 
+import copy
+
 import json
 import logging
 import os
@@ -134,8 +136,52 @@ def init_from_model(model: MedClipModel, path: str) -> None:
     log.info("initialised the model from %s", folder)
 
 
+# A base CLIP loaded while its settings were applied to the config, kept for _set_up (loaded once per run)
+_LOADED_BASES: dict[tuple, tuple] = {}
+
+
+def _base_key(cfg: Config) -> tuple:
+    m = cfg.model
+    return (m.base, m.base_weights, m.clipin.pre_dim if m.clipin.enabled else 0, m.contrastive.kind,
+            m.base_fresh_heads, cfg.train.seed)
+
+
+def load_configured_base(cfg: Config):
+    """``(model, processor)`` of ``model.base`` as this config asks (CLIPin pre-projector, objective kind)."""
+    from medclipin.models.bases import load_base
+
+    key = _base_key(cfg)
+    if key not in _LOADED_BASES:
+        m = cfg.model
+        _LOADED_BASES.clear()
+        _LOADED_BASES[key] = load_base(m.base, m.base_weights, pre_dim=key[2], kind=m.contrastive.kind,
+                                       fresh_heads=m.base_fresh_heads, seed=cfg.train.seed,
+                                       siglip_init_logit_bias=m.contrastive.siglip_init_logit_bias,
+                                       max_logit_scale=m.contrastive.max_logit_scale)
+    return _LOADED_BASES[key]
+
+
+def apply_base_settings(cfg: Config) -> None:
+    """With ``model.base``, the image and text settings the base was trained with replace the config's (size,
+    3 channels, mean/std, the text context as the longest text), and the joint width is the base's: the run's
+    saved config.yaml then says what the model really reads."""
+    if not cfg.model.base:
+        return
+    model, processor = load_configured_base(cfg)
+    image = cfg.data.image
+    image.size, image.channels = processor.image_cfg.size, 3
+    image.mean, image.std = tuple(processor.image_cfg.mean), tuple(processor.image_cfg.std)
+    cfg.data.text.max_length = min(cfg.data.text.max_length, processor.text_cfg.max_length)
+    cfg.data.text.tokenizer = ""
+    cfg.model.contrastive.embed_dim = model.embed_dim
+
+
 def prepare_processor(cfg: Config, run_dir: Path, train_records: list, start: Path | None = None) -> Processor:
-    """The run's processor: resolved image normalisation, the tokenizer (:func:`prepare_tokenizer`), text settings."""
+    """The run's processor: resolved image normalisation, the tokenizer (:func:`prepare_tokenizer`; a base
+    CLIP's own with ``model.base``), text settings."""
+    if cfg.model.base:
+        apply_base_settings(cfg)
+        return Processor(cfg.data.image, cfg.data.text, load_configured_base(cfg)[1].tokenizer)
     resolve_normalization(cfg)
     texts = [record_text(r, cfg.data.text.sections) for r in train_records]
     return Processor(cfg.data.image, cfg.data.text, prepare_tokenizer(cfg, run_dir, texts, start))
@@ -282,6 +328,7 @@ def pretrain(
     dist_info: DistInfo = init_distributed(device.type)
     lock = None
     try:
+        apply_base_settings(cfg)  # a base CLIP's own image and text settings
         resolve_normalization(cfg)  # the configuration as it will be saved, before comparing it with a run's
         lock = _claim_run_folder(run_dir, cfg, resume, dist_info)
         return _run(cfg, run_dir, resume, progress, validate_fn, device, dist_info)
@@ -342,8 +389,12 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     start_path = _resolve_start(run_dir, resume)
     processor = prepare_processor(cfg, run_dir, train_records, start_path)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
-                                     vocab_size=processor.vocab_size)
+    if cfg.model.base:  # a pretrained CLIP, embedding at step 0 exactly as its library does
+        model = copy.deepcopy(load_configured_base(cfg)[0]).train()
+        _LOADED_BASES.clear()
+    else:
+        model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                         vocab_size=processor.vocab_size)
     if tcfg.init_from and start_path is None:
         init_from_model(model, tcfg.init_from)
     objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
