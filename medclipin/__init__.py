@@ -4,6 +4,7 @@ Use a trained model::
 
     import medclipin
     model, processor = medclipin.load("runs/demo")    # a model, run or checkpoint folder
+    model, processor = medclipin.load("open_clip:local-dir:biomedclip/")   # or a third-party CLIP
     medclipin.zero_shot(model, processor, ["chest.dcm"], "datasets/synthetic/prompts.yaml")
 
 Train one: ``medclipin pretrain --config configs/cpu_clip_clipin.yaml --out runs/x`` (or
@@ -22,6 +23,10 @@ def __getattr__(name):
         from medclipin import api
 
         return getattr(api, name)
+    if name in ("create_model", "list_models"):
+        from medclipin.models import factory
+
+        return getattr(factory, name)
     if name == "MedClipModel":
         from medclipin.models.model import MedClipModel
 
@@ -33,4 +38,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'medclipin' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "MedClipModel", "Processor", *_API]
+__all__ = ["__version__", "MedClipModel", "Processor", "create_model", "list_models", *_API]

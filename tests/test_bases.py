@@ -277,3 +277,35 @@ def test_continue_training_a_base_with_clipin_then_evaluate_and_export_from_the_
         assert (exported.eval().encode_image(images, normalize=True) - trained.encode_image(images)).abs().max() < TOL
         texts = imported_processor.texts(TEXTS)
         assert (imported.encode_text(**texts) - trained.encode_text(**processor.texts(TEXTS))).abs().max() < TOL
+
+
+def test_a_timm_and_bert_model_exports_exactly_to_open_clip(tmp_path):
+    """The demo's architecture (one-channel EfficientNet-Lite0 + MiniLM, mean pooling, CLIPin pre-projector,
+    projections with biases) as open_clip's TimmModel + HFTextEncoder, every weight perturbed."""
+    import medclipin
+
+    model, processor = medclipin.create_model("demo")
+    _perturb(model, seed=3)
+    export_model(model, processor, tmp_path / "oc", "open_clip")
+    exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    tokens = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(TEXTS)
+    grey = torch.randn(2, 1, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours_image, ours_text = model.encode_image(grey), model.encode_text(**processor.texts(TEXTS))
+        assert (exported.eval().encode_image(grey.repeat(1, 3, 1, 1), normalize=True) - ours_image).abs().max() < TOL
+        assert (exported.encode_text(tokens, normalize=True) - ours_text).abs().max() < TOL
+    reimported, reprocessor = load_base(f"open_clip:local-dir:{tmp_path / 'oc'}")
+    with torch.no_grad():
+        assert (reimported.encode_image(grey.repeat(1, 3, 1, 1)) - ours_image).abs().max() < TOL
+
+
+def test_create_model_and_list_models():
+    import medclipin
+    from medclipin.errors import MedclipinError
+
+    names = medclipin.list_models()
+    assert "demo" in names and "open_clip:ViT-B-16-quickgelu" in names
+    model, processor = medclipin.create_model("demo")
+    assert processor.image_cfg.size == 128 and model.spec.pre_dim > 0
+    with pytest.raises(MedclipinError, match="trains its own tokenizer"):
+        medclipin.create_model("tiny_clip")

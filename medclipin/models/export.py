@@ -84,9 +84,11 @@ def _families(model) -> tuple[str, str]:
 # ------------------------------------------------------------------------------------ open_clip
 def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
     image_family, text_family = _families(model)
+    if (image_family, text_family) == ("timm", "hf"):
+        return _write_open_clip_timm_hf(model, processor, folder, final)
     if (image_family, text_family) != ("open_clip", "open_clip"):
-        raise ExportError(f"open_clip export needs open_clip towers (a model started from an open_clip or OpenAI "
-                          f"CLIP); this model's are {image_family} + {text_family}")
+        raise ExportError(f"open_clip export covers open_clip towers and timm + BERT-family towers; this model's "
+                          f"are {image_family} + {text_family}")
     import open_clip
 
     model_cfg = json.loads(json.dumps(model.spec.image_encoder.kwargs["model_cfg"]))
@@ -124,11 +126,82 @@ def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
     state["logit_scale"] = model.logit_scale.detach().reshape(())
     if model.kind == "siglip":
         state["logit_bias"] = model.logit_bias.detach().reshape(())
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                             "preprocess_cfg": _preprocess_cfg(processor)}, indent=2))
+    _save(state, folder / "open_clip_model.safetensors")
+
+
+def _preprocess_cfg(processor) -> dict:
     image_cfg = processor.image_cfg
-    preprocess = {"size": int(image_cfg.size), "mode": "RGB", "mean": list(image_cfg.mean), "std": list(image_cfg.std),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
-                                                             indent=2))
+    mean = list(image_cfg.mean) * (3 if len(image_cfg.mean) == 1 else 1)
+    std = list(image_cfg.std) * (3 if len(image_cfg.std) == 1 else 1)
+    return {"size": int(image_cfg.size), "mode": "RGB", "mean": mean, "std": std, "interpolation": "bicubic",
+            "resize_mode": "shortest"}
+
+
+def _write_open_clip_timm_hf(model, processor, folder: Path, final: Path) -> None:
+    """A timm image tower + HF BERT-family text tower → open_clip's ``CustomTextCLIP`` (``TimmModel`` +
+    ``HFTextEncoder``).
+
+    Exact by construction: a one-channel stem becomes a three-channel one with a third of the weights in each
+    channel (open_clip feeds grey images as three equal channels); the image projection keeps its bias
+    (``timm_proj_bias``); the text projection of ``HFTextEncoder`` has no bias, so the folded bias ``b`` moves
+    into the bias of the text model's last LayerNorm as ``δβ = W⁺ b`` (``W δβ = b``): every pooled feature
+    (CLS or masked mean of that layer's output) shifts by ``δβ`` and ``W`` maps the shift onto ``b``.
+    """
+    image, text = model.image_encoder, model.text_encoder
+    encoder_cfg = model.spec.image_encoder
+    if encoder_cfg.kwargs:
+        raise ExportError(f"open_clip's TimmModel builds timm models without extra arguments; this tower has "
+                          f"{sorted(encoder_cfg.kwargs)}")
+    from medclipin.models.encoders import is_vit_like
+
+    default_size = (image.model.pretrained_cfg or {}).get("input_size", (3, 224, 224))[-1]
+    if is_vit_like(image.model) and int(default_size) != image.image_size:
+        raise ExportError(f"open_clip's TimmModel builds {encoder_cfg.name} at {default_size} px; this ViT runs at "
+                          f"{image.image_size} px")
+    pooling = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}[text.pooling]
+    state = {f"visual.trunk.{k}": v for k, v in image.model.state_dict().items()}
+    first_conv = (image.model.pretrained_cfg or {}).get("first_conv")
+    stem = state.get(f"visual.trunk.{first_conv}.weight") if first_conv else None
+    if image.in_chans == 1 and image.replicate_channels == 1:
+        if stem is None or stem.shape[1] != 1:
+            raise ExportError(f"cannot find the one-channel stem of {encoder_cfg.name} to widen to three channels")
+        state[f"visual.trunk.{first_conv}.weight"] = (stem / 3).repeat(1, 3, 1, 1)
+    weight, bias = folded_projection(model, "image")
+    state["visual.head.proj.weight"] = weight
+    state["visual.head.proj.bias"] = bias if bias is not None else torch.zeros(weight.shape[0])
+    hf_config = text.hf_config()
+    text_state = {f"text.transformer.{k}": v for k, v in text.model.state_dict().items()}
+    text_weight, text_bias = folded_projection(model, "text")
+    if text_bias is not None and float(text_bias.abs().max()) > 0:
+        layers = int(hf_config.get("num_hidden_layers", 0))
+        key = f"text.transformer.encoder.layer.{layers - 1}.output.LayerNorm.bias"
+        if key not in text_state or text_weight.shape[0] > text_weight.shape[1]:
+            raise ExportError("the text projection's bias has no exact place in open_clip's HFTextEncoder (no final "
+                              "LayerNorm to absorb it, or a joint space wider than the text tower)")
+        shift = torch.linalg.pinv(text_weight.double()) @ text_bias.double()
+        text_state[key] = (text_state[key].double() + shift).float()
+    state.update(text_state)
+    state["text.proj.weight"] = text_weight
+    state["logit_scale"] = model.logit_scale.detach().reshape(())
+    model_cfg = {
+        "embed_dim": model.embed_dim,
+        "vision_cfg": {"timm_model_name": encoder_cfg.name, "timm_model_pretrained": False,
+                       "timm_pool": "token" if is_vit_like(image.model) else "avg", "timm_proj": "linear",
+                       "timm_proj_bias": True, "image_size": image.image_size},
+        "text_cfg": {"hf_model_name": str(final), "hf_tokenizer_name": str(final), "hf_model_pretrained": False,
+                     "hf_proj_type": "linear", "hf_pooler_type": pooling,
+                     "context_length": int(processor.text_cfg.max_length)},
+    }
+    if model.kind == "siglip":
+        model_cfg["init_logit_bias"] = float(model.logit_bias)
+        state["logit_bias"] = model.logit_bias.detach().reshape(())
+    # open_clip builds the HF text model from hf_model_name's config.json and tokenizer: the folder carries both
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    processor.tokenizer.save_pretrained(str(folder))
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg,
+                                                             "preprocess_cfg": _preprocess_cfg(processor)}, indent=2))
     _save(state, folder / "open_clip_model.safetensors")
 
 
