@@ -204,8 +204,12 @@ def test_clipin_on_a_base_starts_exactly_at_the_base_and_its_target_equals_the_m
         online = dict(getattr(model, name).state_dict())
         for key, value in target[name].state_dict().items():
             assert torch.equal(value, online[key]), f"{name}.{key}"
-    with pytest.raises(BaseError, match="pre_dim=32 is below"):
-        load_base(f"open_clip:local-dir:{tmp_path / 'base'}", pre_dim=32)
+    # narrower than the tower (64) but as wide as the joint space (32): still exact, through W's row space
+    narrow, _ = load_base(f"open_clip:local-dir:{tmp_path / 'base'}", pre_dim=40)
+    with torch.no_grad():
+        assert (narrow.encode_image(images) - plain.encode_image(images)).abs().max() < TOL
+    with pytest.raises(BaseError, match="pre_dim=16 is below the rank"):
+        load_base(f"open_clip:local-dir:{tmp_path / 'base'}", pre_dim=16)
 
 
 def test_one_line_refusals(tmp_path):

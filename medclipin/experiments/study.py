@@ -2,6 +2,7 @@
 
     python -m medclipin.experiments.study --out runs/study                 # the whole plan, resumable
     python -m medclipin.experiments.study --out runs/study --grid main --settings clean loose40
+    python -m medclipin.experiments.study --out runs/study --grid continued  # CLIPin on an already-trained CLIP
     python -m medclipin.experiments.study --out runs/study --report-only   # tables + plots from every finished run
 
 Two grids, both on the offline-pretrained CPU towers (``cpu_*`` configs: ImageNet EfficientNet-Lite0 +
@@ -15,6 +16,9 @@ all-MiniLM-L6-v2) with one short, equal budget for every run (``--steps``, batch
 * ``stall`` — CLIP + CLIPin with one thing changed at a time (text view, momentum 0.99 / cosine, fixed
   λ_clip 5 / 20, the reference code's optimiser, a 3x budget — with CLIP and ONLYCLIP at 3x too — and no
   non-contrastive gradient into the shared pre-projector), and the from-scratch tiny towers where the contrastive term used to stall.
+* ``continued`` — the paper's own setting: CLIPin as a plug-in on an already-trained CLIP. The main grid's CLIP
+  (clean pairs, seed 0) is exported as an open_clip folder and brought back with ``model.base``; ONLYCLIP and
+  CLIP + CLIPin continue it on ``loose40`` and ``repetitive`` pairs.
 
 Every run logs per-term gradient norms on the image and text trunks and the per-dimension embedding std
 (``metrics.csv``), and is scored on the held-out test split: zero-shot AUC (synthetic prompts, bootstrap
@@ -93,6 +97,21 @@ STALL = {  # variant → (config, overrides, label); every one is CLIP + CLIPin 
 }
 
 
+# CLIPin in its paper's setting: a plug-in on an already-trained CLIP. The trained CLIP is this study's own CLIP
+# (cpu_clip, clean pairs, seed 0, the same budget), exported as an open_clip folder and loaded back through
+# model.base = open_clip:local-dir:..., as a user brings in a CLIP of theirs. Each run continues it on loose or
+# repetitive pairs; the CLIPin pre-projector starts as an isometry, so every run starts at the base's embeddings.
+CONTINUED = {
+    "cont_onlyclip": ("cpu_onlyclip", ["@base"], "continued: ONLYCLIP (CLIPin network, NC terms off)"),
+    "cont_clip_clipin": ("cpu_clip_clipin", ["@base"], "continued: CLIP + CLIPin"),
+}
+CONTINUED_SETTINGS = ("loose40", "repetitive")
+
+
+def _plan_of(grid: str) -> dict:
+    return {"main": METHODS, "stall": STALL, "continued": CONTINUED}[grid]
+
+
 @dataclass
 class Budget:
     """What every run shares: the same steps, batch, images, text length and evaluation."""
@@ -144,8 +163,10 @@ def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifes
     from medclipin.eval.zeroshot import load_prompts
     from medclipin.train.trainer import pretrain
 
-    config, special, label = (METHODS if grid == "main" else STALL)[variant]
+    config, special, label = _plan_of(grid)[variant]
     overrides = budget.overrides(manifest, seed, special)
+    if "@base" in special:
+        overrides.append(f"model.base=open_clip:local-dir:{trained_base(out, budget)}")
     run_dir = out / "runs" / grid / setting / variant / f"seed{seed}"
     result_path = run_dir / "result.json"
     key = _settings_key(budget, config, overrides)
@@ -191,6 +212,21 @@ def run_one(out: Path, grid: str, setting: str, variant: str, seed: int, manifes
     # 257 MB here) only serve resuming, and the study redoes an interrupted run from scratch instead.
     shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
     return record
+
+
+def trained_base(out: Path, budget: Budget) -> Path:
+    """The trained CLIP the ``continued`` grid starts from, as an open_clip ``local-dir`` folder: the main
+    grid's CLIP on clean pairs, seed 0 (trained here if that run is not in the study yet), exported."""
+    from medclipin.api import load
+    from medclipin.models.export import export_model
+
+    folder = out / "base" / "open_clip"
+    if (folder / "open_clip_config.json").is_file():
+        return folder
+    run_one(out, "main", "clean", "clip", 0, dataset(out, "clean", budget.patients), budget)
+    model, processor = load(out / "runs" / "main" / "clean" / "clip" / "seed0" / "run")
+    export_model(model, processor, folder, "open_clip")
+    return folder
 
 
 def _training_summary(metrics_csv: Path) -> dict:
@@ -268,7 +304,7 @@ def _final_contrastive_loss(training: dict) -> float | None:
 
 
 def _label(grid: str, variant: str, recorded: str) -> str:
-    plan = METHODS if grid == "main" else STALL
+    plan = _plan_of(grid)
     return plan[variant][2] if variant in plan else recorded
 
 
@@ -356,6 +392,10 @@ def paired_differences(results: list[dict]) -> list[dict]:
             add("robustness", setting, method, baseline, label, robustness)
     for method, baseline, label in STALL_CONTRASTS:
         add("stall", "clean", method, baseline, label, level("stall", "clean", method, baseline), grid="stall")
+    for setting in CONTINUED_SETTINGS:
+        add("continued", setting, "cont_clip_clipin", "cont_onlyclip",
+            "continued from a trained CLIP: CLIP + CLIPin − ONLYCLIP",
+            level("continued", setting, "cont_clip_clipin", "cont_onlyclip"), grid="continued")
     return rows
 
 
@@ -400,7 +440,7 @@ def budget_of_runs(results: list[dict]) -> str:
 def markdown(table: dict, budget_line: str) -> str:
     lines = ["# CLIPin study: results", "",
              f"{budget_line}. Mean ± 95% CI half-width over seeds (Student t; n in the seeds column).", ""]
-    for grid in ("main", "stall"):
+    for grid in ("main", "stall", "continued"):
         rows = [e for e in table.values() if e["grid"] == grid]
         if not rows:
             continue
@@ -424,7 +464,10 @@ def differences_markdown(rows: list[dict]) -> str:
              "* = the interval excludes 0."),
             ("stall", "Paired differences within the stall grid",
              "Same seeds; the last column is the final contrastive loss, mean of the logged batches of the last "
-             "fifth of training (chance: ln 32 = 3.466).")):
+             "fifth of training (chance: ln 32 = 3.466)."),
+            ("continued", "Paired differences, continuing a trained CLIP (the paper's setting)",
+             "Both runs of a seed start from the same trained CLIP (an open_clip folder) with the same data "
+             "order; * = the interval excludes 0.")):
         picked = [r for r in rows if r["kind"] == kind]
         if not picked:
             continue
@@ -534,7 +577,7 @@ def plot_monitors(results: list[dict], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medclipin.experiments.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="study folder (data, runs, results; resumable)")
-    parser.add_argument("--grid", choices=["main", "stall", "all"], default="all")
+    parser.add_argument("--grid", choices=["main", "stall", "continued", "all"], default="all")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--variants", nargs="+", default=None, help="restrict to these methods / stall variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -556,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         plan += [("main", s, v, seed) for seed in args.seeds for s in args.settings for v in METHODS]
     if args.grid in ("stall", "all"):
         plan += [("stall", "clean", v, seed) for seed in args.seeds for v in STALL]
+    if args.grid in ("continued", "all"):
+        plan += [("continued", s, v, seed) for seed in args.seeds for s in CONTINUED_SETTINGS for v in CONTINUED
+                 if s in args.settings]
     if args.variants:
         plan = [p for p in plan if p[2] in args.variants]
     if args.report_only:

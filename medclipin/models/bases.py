@@ -14,9 +14,10 @@ The result is an ordinary :class:`~medclipin.models.model.MedClipModel` whose to
 own modules (the ``open_clip`` / ``hf_clip`` tower families) and whose projections and temperature are the
 base's, plus a :class:`~medclipin.data.processor.Processor` with the base's preprocessing (size, mean/std,
 3 channels) and tokenizer. It embeds exactly as the base library does. With a CLIPin pre-projector
-(``pre_dim``) the projection ``W`` is split as ``W Qᵀ · Q`` with ``Q`` a random ``pre_dim × width`` isometry
-(``QᵀQ = I``): the pre-projector starts as ``Q`` and the projection as ``W Qᵀ``, so the model at step 0 still
-embeds as the base does (the reference code instead drops CLIP's projections: ``fresh_heads``).
+(``pre_dim``) the projection ``W`` is split as ``W Mᵀ · M`` (:func:`pre_projector_start`: ``M`` has orthonormal
+rows spanning ``W``'s rows, random where ``pre_dim`` allows): the pre-projector starts as ``M`` and the projection
+as ``W Mᵀ``, so the model at step 0 still embeds as the base does (the reference code instead drops CLIP's
+projections: ``fresh_heads``).
 """
 
 from __future__ import annotations
@@ -93,8 +94,13 @@ def parse_base(spec: str, weights: str = "") -> BaseSpec:
     return BaseSpec("open_clip", rest, weights=weights if weights == "random" else os.path.expanduser(weights))
 
 
+# what a training config may set on a base's towers (how they train, not what they are)
+TRAINING_SETTINGS = ("freeze", "freeze_layers", "grad_checkpointing")
+
+
 def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | None = None, fresh_heads: bool = False,
-              siglip_init_logit_bias: float = -10.0, max_logit_scale: float = math.log(100), seed: int = 0):
+              siglip_init_logit_bias: float = -10.0, max_logit_scale: float = math.log(100), seed: int = 0,
+              image_training=None, text_training=None):
     """``(MedClipModel, Processor)`` of a base CLIP (see the module docstring for the specs).
 
     Args:
@@ -104,6 +110,8 @@ def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | Non
             ``siglip_init_logit_bias``).
         fresh_heads: new (random) projections, pre-projectors and temperature instead of the base's.
         seed: seeds the pre-projector's random isometry.
+        image_training, text_training: tower configs whose ``freeze`` / ``freeze_layers`` /
+            ``grad_checkpointing`` apply to the base's towers (a training config's towers).
     """
     base = parse_base(spec, weights)
     try:
@@ -113,6 +121,9 @@ def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | Non
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise BaseError(f"{base}: cannot load ({type(exc).__name__}: {first})") from None
+    for tower_cfg, training in ((parts.image_cfg, image_training), (parts.text_cfg, text_training)):
+        for name in TRAINING_SETTINGS if training is not None else ():
+            setattr(tower_cfg, name, getattr(training, name))
     return _assemble(parts, pre_dim=pre_dim, kind=kind, fresh_heads=fresh_heads,
                      siglip_init_logit_bias=siglip_init_logit_bias, max_logit_scale=max_logit_scale, seed=seed)
 
@@ -326,22 +337,40 @@ def _hf_tokenizer(folder: Path, vocab_size: int, base: BaseSpec):
 
 
 # ------------------------------------------------------------------------------------- assembly
-def _isometry(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """A random ``rows × cols`` matrix with orthonormal columns (``QᵀQ = I``), float64."""
+def pre_projector_start(weight: torch.Tensor, pre_dim: int, seed: int) -> torch.Tensor:
+    """A ``pre_dim × width`` matrix ``M`` with orthonormal rows whose span holds every row of ``weight``, so
+    that ``(weight Mᵀ) M = weight``: the pre-projector starts as ``M``, the projection as ``weight Mᵀ``.
+
+    ``pre_dim >= width``: a random isometry (``MᵀM = I``). Narrower: the row space of ``weight`` (its rank is
+    at most the joint width) completed with random directions. Float64; ``None`` of nothing fits."""
     generator = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    width = weight.shape[1]
+    if pre_dim >= width:
+        q, r = torch.linalg.qr(torch.randn(pre_dim, width, generator=generator, dtype=torch.float64))
+        return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    _, singular, vh = torch.linalg.svd(weight, full_matrices=False)
+    rank = int((singular > singular.max() * 1e-10).sum())
+    if pre_dim < rank:
+        return None
+    extra = torch.randn(pre_dim - rank, width, generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.cat([vh[:rank], extra]).T)  # the first columns span the row space, in order
+    return q.T
 
 
-def _fill_projection(pre: nn.Module, proj: nn.Linear, projection, width: int, pre_dim: int, seed: int) -> None:
+def _fill_projection(pre: nn.Module, proj: nn.Linear, projection, width: int, pre_dim: int, seed: int,
+                     where: str) -> None:
     """Set ``proj ∘ pre`` to the base's projection (or the identity where the head stays in the tower)."""
     weight, bias = projection if projection is not None else (torch.eye(width), None)
     weight = weight.double()
     with torch.no_grad():
         if pre_dim:
-            q = _isometry(pre_dim, width, seed)
-            pre.weight.copy_(q)
-            proj.weight.copy_(weight @ q.T)
+            start = pre_projector_start(weight, pre_dim, seed)
+            if start is None:
+                raise BaseError(f"model.clipin.pre_dim={pre_dim} is below the rank of the base's {where} projection: "
+                                "the model could not start exactly at the base; use a wider pre_dim or "
+                                "model.base_fresh_heads: true")
+            pre.weight.copy_(start)
+            proj.weight.copy_(weight @ start.T)
             if pre.bias is not None:
                 pre.bias.zero_()
         else:
@@ -380,12 +409,8 @@ def _assemble(parts: _Parts, *, pre_dim: int, kind: str | None, fresh_heads: boo
     if not fresh_heads:
         for modality, projection in (("image", parts.image_projection), ("text", parts.text_projection)):
             width = getattr(model, f"{modality}_encoder").out_dim
-            if pre_dim and pre_dim < width:
-                raise BaseError(f"model.clipin.pre_dim={pre_dim} is below the {modality} tower's width ({width}): "
-                                "the model could not start exactly at the base; use pre_dim >= width or "
-                                "model.base_fresh_heads: true")
             _fill_projection(getattr(model, f"{modality}_pre"), getattr(model, f"{modality}_proj"), projection, width,
-                             pre_dim, seed + (0 if modality == "image" else 1))
+                             pre_dim, seed + (0 if modality == "image" else 1), modality)
     model.float().eval()
     processor = Processor(ImageConfig(size=parts.image_size, channels=3, mean=parts.mean, std=parts.std),
                           TextConfig(max_length=parts.context_length), parts.tokenizer)

@@ -84,21 +84,7 @@ class ImageEncoder(ImageTower):
             self._freeze_lower(cfg.freeze_layers)
 
     def _freeze_lower(self, n_layers: int) -> None:
-        """Freeze the stem and the first ``n_layers`` stages/blocks, in timm's own grouping (``group_matcher``)."""
-        from timm.models import group_parameters
-
-        groups = group_parameters(self.model, self.model.group_matcher(coarse=True))
-        # groups are ordered: the stem (0), then the stages/blocks; the last group (the last stage, with the
-        # final norm or head where timm groups them together) always trains, so something adapts
-        ordered = sorted(groups.items(), key=lambda item: item[0])
-        if not 0 <= n_layers < len(ordered) - 1:
-            raise ValueError(f"model.image_encoder.freeze_layers={n_layers}: {self.model.__class__.__name__} can "
-                             f"freeze its stem and up to {len(ordered) - 2} of its {len(ordered) - 1} later groups "
-                             "(the last one always trains)")
-        names = {name for _, members in ordered[:n_layers + 1] for name in members}
-        for name, parameter in self.model.named_parameters():
-            if name in names:
-                parameter.requires_grad_(False)
+        freeze_timm_lower(self.model, n_layers)
 
     @staticmethod
     def _create(timm, cfg: ImageEncoderConfig, pretrained: bool, kwargs: dict[str, Any], image_size: int) -> nn.Module:
@@ -163,6 +149,25 @@ class ImageEncoder(ImageTower):
         EfficientNet ``blocks.6`` at 224 px; one stage up, at stride 16, at 128 px), already spatial.
         """
         return timm_gradcam_layer(self.model, self.image_size, self.MIN_CAM_SIDE)
+
+
+def freeze_timm_lower(model: nn.Module, n_layers: int) -> None:
+    """Freeze the stem and the first ``n_layers`` stages/blocks of a timm model, in timm's own grouping
+    (``group_matcher``)."""
+    from timm.models import group_parameters
+
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    # groups are ordered: the stem (0), then the stages/blocks; the last group (the last stage, with the
+    # final norm or head where timm groups them together) always trains, so something adapts
+    ordered = sorted(groups.items(), key=lambda item: item[0])
+    if not 0 <= n_layers < len(ordered) - 1:
+        raise ValueError(f"model.image_encoder.freeze_layers={n_layers}: {model.__class__.__name__} can "
+                         f"freeze its stem and up to {len(ordered) - 2} of its {len(ordered) - 1} later groups "
+                         "(the last one always trains)")
+    names = {name for _, members in ordered[:n_layers + 1] for name in members}
+    for name, parameter in model.named_parameters():
+        if name in names:
+            parameter.requires_grad_(False)
 
 
 def patch_tokens_to_grid(prefix: int, grid: tuple[int, int]) -> Callable[[torch.Tensor], torch.Tensor]:

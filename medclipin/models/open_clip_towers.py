@@ -148,8 +148,15 @@ class OpenClipImageTower(ImageTower):
     def _freeze_lower(self, n_layers: int) -> None:
         """The patch embedding and the first ``n_layers`` blocks (ViT; timm trunks in timm's grouping)."""
         vit = self._vit()
+        trunk = getattr(self.visual, "trunk", None)
+        if vit is None and trunk is not None:  # a timm trunk (TimmModel): timm's own grouping
+            from medclipin.models.encoders import freeze_timm_lower
+
+            freeze_timm_lower(trunk, n_layers)
+            return
         if vit is None:
-            raise TowerError("model.image_encoder.freeze_layers: open_clip image towers support it for ViTs only")
+            raise TowerError("model.image_encoder.freeze_layers: open_clip image towers support it for ViTs and "
+                             "timm trunks only")
         blocks = vit.transformer.resblocks
         if not 0 <= n_layers < len(blocks):
             raise TowerError(f"model.image_encoder.freeze_layers={n_layers}: the tower has {len(blocks)} blocks "

@@ -142,8 +142,10 @@ _LOADED_BASES: dict[tuple, tuple] = {}
 
 def _base_key(cfg: Config) -> tuple:
     m = cfg.model
+    towers = tuple(getattr(t, name) for t in (m.image_encoder, m.text_encoder) for name in
+                   ("freeze", "freeze_layers", "grad_checkpointing"))
     return (m.base, m.base_weights, m.clipin.pre_dim if m.clipin.enabled else 0, m.contrastive.kind,
-            m.base_fresh_heads, cfg.train.seed)
+            m.base_fresh_heads, cfg.train.seed, towers)
 
 
 def load_configured_base(cfg: Config):
@@ -157,7 +159,8 @@ def load_configured_base(cfg: Config):
         _LOADED_BASES[key] = load_base(m.base, m.base_weights, pre_dim=key[2], kind=m.contrastive.kind,
                                        fresh_heads=m.base_fresh_heads, seed=cfg.train.seed,
                                        siglip_init_logit_bias=m.contrastive.siglip_init_logit_bias,
-                                       max_logit_scale=m.contrastive.max_logit_scale)
+                                       max_logit_scale=m.contrastive.max_logit_scale,
+                                       image_training=m.image_encoder, text_training=m.text_encoder)
     return _LOADED_BASES[key]
 
 
