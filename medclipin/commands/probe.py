@@ -1,7 +1,8 @@
 """Linear probe on frozen image features (MGCA protocol): one-vs-rest logistic regression per label,
 trained on 1%, 10% and 100% of the training split's labels (seeded, stratified subsets with at least
 one positive per class where possible) and scored by AUC on the test split, mean ± std over seeds.
-Writes OUT/probe.json and OUT/probe.md.
+Writes OUT/probe.json and OUT/probe.md. With --test-manifest M2 the probe is trained on --manifest's
+training split and scored on every record of M2 (an external set; its split column is ignored).
 
 Example: medclipin probe --checkpoint demo_out/run/model --manifest demo_out/data/manifest.csv
          --out eval_out/probe --fractions 0.01 0.1 1.0 --seeds 0 1 2
@@ -15,9 +16,10 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.commands.session import add_model_arguments
+    from medclipin.commands.session import add_model_arguments, add_test_manifest_argument
 
     add_model_arguments(parser)
+    add_test_manifest_argument(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0],
                         help="label fractions of the training split (default 0.01 0.1 1.0)")
@@ -34,7 +36,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from medclipin.eval.evaluate import probe
     from medclipin.eval.report import probe_markdown, write_json
-    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, load_split, open_store, run_info, test_records as scored
 
     check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -43,7 +45,7 @@ def run(args) -> int:
         return 2
     out = Path(args.out)
     manifest, train_records = load_split(args.manifest, args.train_split)
-    _, test_records = load_split(args.manifest, args.split)
+    test_records = scored(args, args.split)  # --test-manifest: every record of it
     classes = args.classes or list(manifest.label_names)
     unknown = [c for c in classes if c not in manifest.label_names]
     if unknown or not classes:

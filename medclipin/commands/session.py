@@ -99,6 +99,24 @@ def load_split(manifest_path: str, split: str) -> tuple[Manifest, list[Record]]:
     return manifest, records
 
 
+def add_test_manifest_argument(parser) -> None:
+    parser.add_argument("--test-manifest", default=None,
+                        help="an external test set (another hospital's manifest): every record of it is scored, "
+                             "its split column ignored; --manifest's train/validate splits still train the probe "
+                             "and choose thresholds and calibration")
+
+
+def test_records(args, split: str) -> list[Record]:
+    """The records to score: every record of ``--test-manifest`` when given (its split ignored), else
+    ``--manifest``'s ``split``."""
+    if getattr(args, "test_manifest", None):
+        manifest = read_manifest(args.test_manifest)
+        if not manifest.records:
+            raise ManifestError(f"{args.test_manifest}: no records")
+        return manifest.records
+    return load_split(args.manifest, split)[1]
+
+
 def run_info(args, store, model_dir: Path, cache_dir: Path | None, split: str | None = None,
              n_records: int | None = None) -> dict:
     """The "what ran" block: checkpoint, model fingerprint, manifest + sha256, split, counts, arguments, date."""
@@ -110,6 +128,9 @@ def run_info(args, store, model_dir: Path, cache_dir: Path | None, split: str | 
         "manifest": str(args.manifest) if getattr(args, "manifest", None) else None,
         "manifest_sha256": file_sha256(args.manifest) if getattr(args, "manifest", None) else None,
         "split": split,
+        **({"test_manifest": str(args.test_manifest), "test_manifest_sha256": file_sha256(args.test_manifest),
+            "split": "all records of the test manifest (its split column ignored)"}
+           if getattr(args, "test_manifest", None) else {}),
         "n_records": n_records,
         "embedding_cache": str(cache_dir) if cache_dir else "none",
         "arguments": {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k != "command"},

@@ -50,27 +50,37 @@ def check_prompt_classes(records: list[Record], prompts: PromptSet) -> None:
                        f"(manifest classes: {sorted(known)})")
 
 
+def score_records(store: EmbeddingStore, records: list[Record], prompts: PromptSet) -> tuple[list[Record], np.ndarray, np.ndarray]:
+    """(readable records, (N, C) zero-shot scores, (N, C) labels 1/0/NaN) of ``records`` against ``prompts``."""
+    if not records:
+        return [], np.zeros((0, len(prompts.class_names))), np.zeros((0, len(prompts.class_names)))
+    check_prompt_classes(records, prompts)
+    positive, negative = class_embeddings(store, prompts)
+    logit_scale = float(store.model.logit_scale.detach().exp())
+    records, images = keep_readable(list(records), store.images(list(records)))
+    scores = zero_shot_scores(images, positive, negative, logit_scale).numpy()
+    return records, scores, labels_matrix(records, prompts.class_names)
+
+
 def zero_shot(store: EmbeddingStore, records: list[Record], prompts: PromptSet, bootstrap: int = 1000,
-              seed: int = 0) -> dict:
+              seed: int = 0, keep_records: bool = False) -> dict:
     """Zero-shot metrics of ``records`` against ``prompts`` (classes missing from the manifest are an error).
 
     Returns the metrics of :func:`~medclipin.eval.metrics.classification_metrics` plus ``scores`` and
-    ``labels`` arrays (N, C) for plots (not JSON: pop them before writing).
+    ``labels`` arrays (N, C) for plots (not JSON: pop them before writing), and with ``keep_records`` the
+    readable ``records`` they belong to (pop those too).
     """
     if not records:
         raise ValueError("no records to evaluate")
     records_all = list(records)
-    check_prompt_classes(records, prompts)
-    positive, negative = class_embeddings(store, prompts)
-    logit_scale = float(store.model.logit_scale.detach().exp())
-    records, images = keep_readable(records, store.images(records))
-    scores = zero_shot_scores(images, positive, negative, logit_scale).numpy()
-    labels = labels_matrix(records, prompts.class_names)
+    records, scores, labels = score_records(store, records_all, prompts)
     result = classification_metrics(scores, labels, prompts.class_names, prompts.mode, bootstrap=bootstrap, seed=seed)
-    result["logit_scale"] = logit_scale
+    result["logit_scale"] = float(store.model.logit_scale.detach().exp())
     result["unreadable_images"] = store.rejected_records(records_all)
     result["scores"] = scores
     result["labels"] = labels
+    if keep_records:
+        result["records"] = records
     return result
 
 

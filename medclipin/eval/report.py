@@ -63,13 +63,16 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 def _run_lines(run: dict) -> list[str]:
     lines = ["## What ran", ""]
     for key, label in (("checkpoint", "checkpoint"), ("model_fingerprint", "model fingerprint"),
-                       ("manifest", "manifest"), ("manifest_sha256", "manifest sha256"), ("split", "split"),
+                       ("manifest", "manifest"), ("manifest_sha256", "manifest sha256"),
+                       ("test_manifest", "external test manifest"), ("test_manifest_sha256", "test manifest sha256"),
+                       ("split", "split"),
                        ("n_records", "records evaluated"), ("embedding_cache", "embedding cache"),
                        ("medclipin_version", "medclipin version"), ("date", "date (UTC)")):
         if run.get(key) not in (None, ""):
             value = run[key]
-            lines.append(f"- {label}: `{value}`" if key in ("checkpoint", "manifest", "embedding_cache",
-                                                               "manifest_sha256", "model_fingerprint") else f"- {label}: {value}")
+            lines.append(f"- {label}: `{value}`" if key in ("checkpoint", "manifest", "embedding_cache", "manifest_sha256",
+                                                               "model_fingerprint", "test_manifest",
+                                                               "test_manifest_sha256") else f"- {label}: {value}")
     if run.get("arguments"):
         args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in run["arguments"].items()
                         if v not in (None, "", False))
