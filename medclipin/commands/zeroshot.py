@@ -67,6 +67,10 @@ def clinical_inputs(args, store, prompts, split: str):
         notes.append(f"the thresholds were chosen on split {args.fit_split!r}, which is also scored here: the "
                      "operating points are optimistic")
     test = test_records(args, split)
+    shared = {r.image_path for r in fit} & {r.image_path for r in test}
+    if shared and getattr(args, "test_manifest", None):
+        notes.append(f"{len(shared)} images of the test manifest are also in the {args.fit_split!r} split that chose "
+                     "the thresholds: the test set is not independent of them")
     fit_records, fit_scores, fit_labels = score_records(store, fit, prompts)
     return test, (fit_scores, fit_labels, len(fit_records)), notes
 

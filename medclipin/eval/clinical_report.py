@@ -189,8 +189,10 @@ def write_clinical_report(out: Path, result: dict, run: dict, prompts, records, 
                      _with_ci(p.get("sensitivity"), p.get("sensitivity_ci")),
                      _with_ci(p.get("specificity"), p.get("specificity_ci")),
                      _with_ci(p.get("ppv"), p.get("ppv_ci")), _with_ci(p.get("npv"), p.get("npv_ci"))])
-    lines += _table(["finding", "images", "positive", "AUC", "threshold", "sensitivity", "specificity", "PPV", "NPV"],
-                    rows)
+    lines += _table(["finding", "labelled images", "positive", "AUC", "threshold", "sensitivity", "specificity",
+                     "PPV", "NPV"], rows)
+    lines += ["", "Labelled images: those whose label for the finding is stated (1 or 0); uncertain and unstated "
+              "labels are left out of that finding's figures."]
     lines += ["", "Counts and the remaining metrics:", ""]
     rows = []
     for n in names:
@@ -250,7 +252,7 @@ def _subgroup_lines(subgroups: dict, names: Sequence[str]) -> list[str]:
                              _with_ci(p.get("sensitivity"), p.get("sensitivity_ci")),
                              _with_ci(p.get("specificity"), p.get("specificity_ci")),
                              "too few" if e["too_small"] else "", e.get("note", "")])
-        lines += _table([column, "finding", "images", "positive", "AUC", "sensitivity", "specificity", "flag", "note"],
+        lines += _table([column, "finding", "labelled images", "positive", "AUC", "sensitivity", "specificity", "flag", "note"],
                         rows) + [""]
     return lines
 
@@ -282,7 +284,7 @@ def compare_markdown(payload: dict) -> str:
                      "n/a" if e["delta_auc"] is None else f"{e['delta_auc']:+.3f}",
                      "n/a" if ci.get("low") is None else f"{ci['low']:+.3f} to {ci['high']:+.3f}",
                      "n/a" if e["p_value"] is None else f"{e['p_value']:.3g}", e.get("note", "")])
-    lines += _table(["finding", "images", "positive", "AUC A", "AUC B", "Δ AUC", "95% CI", "DeLong p", "note"], rows)
+    lines += _table(["finding", "labelled images", "positive", "AUC A", "AUC B", "Δ AUC", "95% CI", "DeLong p", "note"], rows)
     lines += ["", "## At each model's operating point", "",
               "Δ = B − A as a difference of proportions (+0.10 = 10 percentage points), with its paired bootstrap "
               "95% CI.", ""]
