@@ -86,11 +86,20 @@ def test_zeroshot_bad_threshold_is_one_line(eval_model, eval_data, eval_prompts,
 def test_probe_and_retrieve_on_an_external_test_set(eval_model, eval_data, external_manifest, tmp_path):
     out = tmp_path / "probe"
     assert _cli("probe", "--checkpoint", eval_model, "--manifest", eval_data, "--test-manifest", external_manifest,
-                "--out", out, "--fractions", 1.0, "--seeds", 0, "--embedding-cache", tmp_path / "emb") == 0
+                "--out", out, "--fractions", 1.0, "--seeds", 0, "--embedding-cache", tmp_path / "emb",
+                "--bootstrap", 50) == 0
     payload = json.loads((out / "probe.json").read_text())
     assert payload["run"]["test_manifest_sha256"] == file_sha256(external_manifest)
     assert payload["probe"]["n_test"] == len(read_manifest(external_manifest).records)
     assert "test manifest sha256" in (out / "probe.md").read_text()
+    clinical = payload["probe"]["clinical"]
+    assert clinical["fit_records"] == len(read_manifest(eval_data).split("validate"))
+    trained = set(clinical["per_class"])
+    assert trained and trained | set(clinical["classes_not_trained"]) == CLASSES
+    for entry in clinical["per_class"].values():
+        assert {"threshold", "sensitivity", "sensitivity_ci", "mcc"} <= set(entry["operating_point"])
+        assert {"ece", "brier", "method"} <= set(entry["calibration"])
+    assert "sex" in clinical["subgroups"] and "Operating points" in (out / "probe.md").read_text()
     out = tmp_path / "retrieval"
     assert _cli("retrieve", "--checkpoint", eval_model, "--manifest", eval_data, "--test-manifest", external_manifest,
                 "--out", out, "--embedding-cache", tmp_path / "emb") == 0

@@ -108,6 +108,31 @@ def probe(store: EmbeddingStore, train_records: list[Record], test_records: list
     )
 
 
+def probe_clinical(store: EmbeddingStore, train_records: list[Record], fit_records: list[Record],
+                   test_records: list[Record], class_names: list[str], rule, calibration: str = "platt",
+                   bootstrap: int = 1000, seed: int = 0, features: str = "encoder") -> dict:
+    """Operating points, calibration and subgroups of the probe trained on all of ``train_records``, with
+    thresholds and calibration fitted on ``fit_records`` (validate) and applied to ``test_records``
+    (see :func:`~medclipin.eval.clinical.clinical_metrics`; ``calibrated`` is dropped)."""
+    from medclipin.eval.clinical import clinical_metrics
+    from medclipin.eval.probe import probe_probabilities
+
+    train_records, train_x = keep_readable(train_records, store.images(train_records, features=features))
+    fit_records, fit_x = keep_readable(fit_records, store.images(fit_records, features=features)) \
+        if fit_records else ([], torch.zeros((0, train_x.shape[1])))
+    test_records, test_x = keep_readable(test_records, store.images(test_records, features=features))
+    (fit_scores, test_scores), trained = probe_probabilities(
+        train_x.numpy(), labels_matrix(train_records, class_names), [fit_x.numpy(), test_x.numpy()], class_names,
+        seed=seed)
+    result = clinical_metrics(fit_scores, labels_matrix(fit_records, trained), test_scores,
+                              labels_matrix(test_records, trained), trained, test_records, rule,
+                              calibration=calibration, bootstrap=bootstrap, seed=seed)
+    result.pop("calibrated")
+    result["classes_not_trained"] = [c for c in class_names if c not in trained]
+    result["fit_records"] = len(fit_records)
+    return result
+
+
 def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: PromptSet, out_dir: Path | None,
                          figures: int = 8, tolerance: float = POINTING_TOLERANCE_PX, iou_threshold: float = 0.5,
                          limit: int | None = None, target: str = "evidence", method: str = DEFAULT_CAM_METHOD) -> dict:

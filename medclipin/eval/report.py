@@ -209,6 +209,22 @@ def probe_markdown(result: dict, run: dict) -> str:
         cells += [_pm(entry["per_class"][n]) for n in names]
         rows.append(cells)
     lines += _table(["labels", "n train (per seed)", "macro AUC"] + list(names), rows)
+    clinical = result.get("clinical")
+    if clinical:
+        lines += ["", "## Operating points (probe trained on all the training labels)", "",
+                  f"Threshold per class: {clinical['threshold_rule_text']}, on {clinical['fit_records']} "
+                  f"fit-split records; calibration: {clinical['calibration_method']}. 95% bootstrap CIs.", ""]
+        rows = []
+        for name, e in clinical["per_class"].items():
+            p, cal = e["operating_point"], e["calibration"]
+            rows.append([name, "n/a" if p["threshold"] is None else f"{p['threshold']:.3g}",
+                         *(_num(p[m]) + (f" ({_ci(p[m + '_ci'])})" if p.get(m + "_ci") else "")
+                           for m in ("sensitivity", "specificity", "ppv", "npv")),
+                         _num(cal.get("ece")), _num(cal.get("brier"))])
+        lines += _table(["class", "threshold", "sensitivity", "specificity", "PPV", "NPV", "ECE", "Brier"], rows)
+        if clinical.get("classes_not_trained"):
+            lines += ["", "Not trained (one label value in the training split): "
+                      + ", ".join(clinical["classes_not_trained"]) + "."]
     return "\n".join(lines) + "\n"
 
 
