@@ -218,14 +218,19 @@ def probe_markdown(result: dict, run: dict) -> str:
         for name, e in clinical["per_class"].items():
             p, cal = e["operating_point"], e["calibration"]
             rows.append([name, "n/a" if p["threshold"] is None else f"{p['threshold']:.3g}",
-                         *(_num(p[m]) + (f" ({_ci(p[m + '_ci'])})" if p.get(m + "_ci") else "")
-                           for m in ("sensitivity", "specificity", "ppv", "npv")),
+                         *(_with_interval(p[m], p.get(m + "_ci")) for m in ("sensitivity", "specificity", "ppv", "npv")),
                          _num(cal.get("ece")), _num(cal.get("brier"))])
         lines += _table(["class", "threshold", "sensitivity", "specificity", "PPV", "NPV", "ECE", "Brier"], rows)
         if clinical.get("classes_not_trained"):
             lines += ["", "Not trained (one label value in the training split): "
                       + ", ".join(clinical["classes_not_trained"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(value, interval: dict | None) -> str:
+    if value is None or not interval or interval.get("low") is None:
+        return _num(value)
+    return f"{value:.3f} ({interval['low']:.3f}–{interval['high']:.3f})"
 
 
 def _pm(entry: dict) -> str:
