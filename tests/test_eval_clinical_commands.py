@@ -125,3 +125,13 @@ def test_compare_two_models(eval_model, eval_data, eval_prompts, tmp_path, capsy
     text = (out / "compare.md").read_text()
     assert "DeLong" in text and "Δ AUC" in text and "Caution" in text  # --split all overlaps validate
     assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "compare"])
+def test_a_missing_test_manifest_fails_before_any_model_is_loaded(command, eval_data, eval_prompts, tmp_path, capsys):
+    models = ["--checkpoint", tmp_path / "no_model"] if command == "zeroshot" else \
+        ["--checkpoints", tmp_path / "no_a", tmp_path / "no_b"]
+    assert _cli(command, *models, "--manifest", eval_data, "--prompts", eval_prompts,
+                "--test-manifest", tmp_path / "absent.csv", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err.strip()
+    assert "absent.csv" in err and "not found" in err and len(err.splitlines()) == 1

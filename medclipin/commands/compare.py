@@ -19,17 +19,10 @@ def add_arguments(parser) -> None:
     from medclipin.commands.session import add_model_arguments, non_negative_int
     from medclipin.commands.zeroshot import add_clinical_arguments
 
-    add_model_arguments(parser)
-    # two models instead of one: --checkpoints A B replaces --checkpoint
-    action = next(a for a in parser._actions if a.dest == "checkpoint")
-    parser._remove_action(action)
-    for group in parser._action_groups:
-        if action in group._group_actions:
-            group._group_actions.remove(action)
+    add_model_arguments(parser, checkpoint=False)
     parser.add_argument("--checkpoints", nargs=2, required=True, metavar=("A", "B"),
                         help="the two models (model, run or checkpoint folders); Δ = B − A")
-    add_clinical_arguments(parser)
-    parser.set_defaults(gradcam_examples=0)
+    add_clinical_arguments(parser, gradcam=False)
     parser.add_argument("--prompts", required=True, help="prompt YAML")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--split", default="test", help="split of --manifest scored without --test-manifest (default test)")
@@ -63,7 +56,7 @@ def _score(args, checkpoint: str, prompts, out: Path):
 def run(args) -> int:
     import numpy as np
 
-    from medclipin.commands.session import check_outputs
+    from medclipin.commands.session import check_outputs, load_split, test_records
     from medclipin.eval.clinical_report import compare_markdown
     from medclipin.eval.operating_point import paired_operating_point_deltas, parse_threshold_rule
     from medclipin.eval.paired_auc import delong_test, paired_bootstrap_delta_auc
@@ -74,6 +67,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rule = parse_threshold_rule(args.threshold)
     prompts = load_prompts(args.prompts)
+    load_split(args.manifest, "all")  # missing manifests or an empty split fail here, before any model loads
+    test_records(args, args.split)
     out = Path(args.out)
     try:
         scored = [_score(args, checkpoint, prompts, out) for checkpoint in args.checkpoints]

@@ -20,10 +20,11 @@ from pathlib import Path
 from medclipin.data.manifest import Manifest, ManifestError, Record, read_manifest
 
 
-def add_model_arguments(parser, manifest_required: bool = True) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="model folder (model.safetensors + config.json), a run folder (uses RUN/model) "
-                             "or a checkpoint folder")
+def add_model_arguments(parser, manifest_required: bool = True, checkpoint: bool = True) -> None:
+    if checkpoint:  # `compare` takes --checkpoints A B instead
+        parser.add_argument("--checkpoint", required=True,
+                            help="model folder (model.safetensors + config.json), a run folder (uses RUN/model) "
+                                 "or a checkpoint folder")
     parser.add_argument("--manifest", required=manifest_required, default=None, help="manifest CSV/JSONL")
     parser.add_argument("--embedding-cache", default="",
                         help="folder for cached embeddings (default: <checkpoint model folder>/../embeddings if "

@@ -37,7 +37,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
-def add_clinical_arguments(parser) -> None:
+def add_clinical_arguments(parser, gradcam: bool = True) -> None:
     """The clinical-study options shared by zeroshot and compare."""
     from medclipin.commands.session import add_test_manifest_argument, non_negative_int
 
@@ -48,6 +48,8 @@ def add_clinical_arguments(parser) -> None:
                         help="operating point per class: youden (default), sensitivity=0.90 or fixed=0.5")
     parser.add_argument("--calibration", choices=("platt", "temperature", "none"), default="platt",
                         help="score-to-probability map fitted on the fit split (default platt)")
+    if not gradcam:
+        return
     parser.add_argument("--gradcam-examples", type=non_negative_int, default=3,
                         help="Grad-CAM figures in report.md: one true positive, false positive and false negative "
                              "each, up to this many (default 3; 0 = none)")
@@ -78,7 +80,7 @@ def clinical_inputs(args, store, prompts, split: str):
 def run(args) -> int:
     from medclipin.eval.evaluate import zero_shot
     from medclipin.eval.report import plot_roc, write_json, zeroshot_markdown
-    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, load_split, open_store, run_info, test_records
     from medclipin.eval.zeroshot import load_prompts
     from medclipin.eval.clinical import clinical_metrics
     from medclipin.eval.clinical_report import write_clinical_report
@@ -89,8 +91,8 @@ def run(args) -> int:
     out = Path(args.out)
     prompts = load_prompts(args.prompts)
     rule = parse_threshold_rule(args.threshold)
-    if not args.test_manifest:
-        load_split(args.manifest, args.split)  # an empty split fails here, before the model is loaded
+    load_split(args.manifest, "all")  # a missing manifest, test manifest or empty split fails here, before the model
+    test_records(args, args.split)
     store, model_dir, cache_dir = open_store(args, out)
     try:
         records, (fit_scores, fit_labels, n_fit), notes = clinical_inputs(args, store, prompts, args.split)

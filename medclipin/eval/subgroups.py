@@ -41,7 +41,7 @@ def age_band(value: str) -> str:
 def group_value(record: Record, column: str) -> str:
     """The subgroup of ``record`` for ``column`` (sex normalised to M/F, age banded)."""
     raw = str(getattr(record, column, "") or record.extra.get(column, "")).strip()
-    if not raw:
+    if raw.lower() in ("", "unknown", "nan", "none", "n/a", "na"):
         return UNKNOWN
     if column == "age":
         return age_band(raw)
