@@ -35,6 +35,14 @@ def test_operating_point_matches_sklearn():
         assert ci["low"] <= point[metric] <= ci["high"] and ci["valid_resamples"] > 100
 
 
+def test_bootstrap_blocks_do_not_change_the_intervals(monkeypatch):
+    from medclipin.eval import operating_point as module
+
+    whole = operating_point(Y, S, 0.5, bootstrap=300, seed=4)
+    monkeypatch.setattr(module, "BOOTSTRAP_BLOCK_CELLS", len(Y) * 7)  # 43 blocks of 7 resamples
+    assert operating_point(Y, S, 0.5, bootstrap=300, seed=4) == whole
+
+
 def test_undefined_metrics_are_none_and_mcc_zero_like_sklearn():
     point = operating_point(np.array([0, 0, 1]), np.array([.1, .2, .3]), 0.9, bootstrap=50)
     assert point["ppv"] is None  # nothing called positive

@@ -46,9 +46,8 @@ def _score(args, checkpoint: str, prompts, out: Path):
     rule = parse_threshold_rule(args.threshold)
     thresholds = {}
     for c, name in enumerate(prompts.class_names):
-        known = ~np.isnan(fit_labels[:, c]) if len(fit_labels) else np.zeros(0, bool)
-        thresholds[name] = choose_threshold(fit_labels[known, c] if len(fit_labels) else np.zeros(0),
-                                            fit_scores[known, c] if len(fit_scores) else np.zeros(0), rule)
+        known = ~np.isnan(fit_labels[:, c])  # an empty fit set is (0, C)
+        thresholds[name] = choose_threshold(fit_labels[known, c], fit_scores[known, c], rule)
     rows = {r.record_id: i for i, r in enumerate(records)}
     return store, model_dir, rows, scores, labels, thresholds, notes
 

@@ -35,9 +35,8 @@ def clinical_metrics(fit_scores: np.ndarray, fit_labels: np.ndarray, test_scores
     thresholds: dict = {}
     calibrated = np.full(test_scores.shape, np.nan)
     for c, name in enumerate(class_names):
-        fit_known = ~np.isnan(fit_labels[:, c]) if len(fit_labels) else np.zeros(0, bool)
-        fit_y = fit_labels[fit_known, c].astype(int) if len(fit_labels) else np.zeros(0, int)
-        fit_s = fit_scores[fit_known, c] if len(fit_scores) else np.zeros(0)
+        fit_known = ~np.isnan(fit_labels[:, c])  # an empty fit set is (0, C)
+        fit_y, fit_s = fit_labels[fit_known, c].astype(int), fit_scores[fit_known, c]
         threshold = choose_threshold(fit_y, fit_s, rule)
         thresholds[name] = threshold
         known = ~np.isnan(test_labels[:, c])

@@ -26,6 +26,7 @@ import numpy as np
 from medclipin.errors import MedclipinError
 
 METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "mcc")
+BOOTSTRAP_BLOCK_CELLS = 16_000_000  # resampled row indices held at once (128 MB of int64)
 
 
 class ThresholdRuleError(MedclipinError, ValueError):
@@ -101,11 +102,26 @@ def _rates(tp, fp, tn, fn) -> dict[str, np.ndarray]:
 
 
 def _counts(positive: np.ndarray, called: np.ndarray, idx: np.ndarray | None = None):
+    """(TP, FP, TN, FN) of one set, or one row per resample when ``idx`` is (B, N) row indices."""
     if idx is not None:
         positive, called = positive[idx], called[idx]
-    axis = -1
-    return ((called & positive).sum(axis), (called & ~positive).sum(axis), (~called & ~positive).sum(axis),
-            (~called & positive).sum(axis))
+    return ((called & positive).sum(-1), (called & ~positive).sum(-1), (~called & ~positive).sum(-1),
+            (~called & positive).sum(-1))
+
+
+def _resampled_counts(positive: np.ndarray, calls: list[np.ndarray], n: int, seed: int) -> list[tuple]:
+    """Per entry of ``calls``, (TP, FP, TN, FN) arrays over ``n`` row resamples (the same resamples for every
+    entry: paired). Drawn in blocks of at most BOOTSTRAP_BLOCK_CELLS indices, so a 200k-image test set does not
+    need gigabytes; the draws are the same whatever the block size."""
+    rng = np.random.default_rng(seed)
+    rows = len(positive)
+    block = max(1, BOOTSTRAP_BLOCK_CELLS // max(rows, 1))
+    parts: list[list[tuple]] = [[] for _ in calls]
+    for start in range(0, n, block):
+        idx = rng.integers(0, rows, (min(block, n - start), rows))
+        for i, called in enumerate(calls):
+            parts[i].append(_counts(positive, called, idx))
+    return [tuple(np.concatenate([p[k] for p in part]) for k in range(4)) for part in parts]
 
 
 def _interval(values: np.ndarray) -> dict:
@@ -137,9 +153,7 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float | N
     for name, value in _rates(tp, fp, tn, fn).items():
         entry[name] = float(value) if np.isfinite(value) else None
     if bootstrap:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(labels), (bootstrap, len(labels)))
-        resampled = _rates(*_counts(positive, called, idx))
+        resampled = _rates(*_resampled_counts(positive, [called], bootstrap, seed)[0])
         for name in METRICS:
             entry[f"{name}_ci"] = _interval(resampled[name])
     else:
@@ -159,10 +173,9 @@ def paired_operating_point_deltas(labels: np.ndarray, scores_a: np.ndarray, thre
     called_a, called_b = np.asarray(scores_a) >= threshold_a, np.asarray(scores_b) >= threshold_b
     point_a, point_b = _rates(*_counts(positive, called_a)), _rates(*_counts(positive, called_b))
     out = {}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(labels), (bootstrap, len(labels))) if bootstrap else None
-    res_a = _rates(*_counts(positive, called_a, idx)) if bootstrap else None
-    res_b = _rates(*_counts(positive, called_b, idx)) if bootstrap else None
+    if bootstrap:
+        counts_a, counts_b = _resampled_counts(positive, [called_a, called_b], bootstrap, seed)
+        res_a, res_b = _rates(*counts_a), _rates(*counts_b)
     for name in METRICS:
         delta = float(point_b[name] - point_a[name])
         out[name] = {"delta": delta if np.isfinite(delta) else None,
