@@ -56,7 +56,8 @@ def add_clinical_arguments(parser, gradcam: bool = True) -> None:
 
 
 def clinical_inputs(args, store, prompts, split: str):
-    """(test records, scores, labels) and (fit scores, labels) of a model, with the fit-set caveats as notes."""
+    """(the records to score, (fit-set scores, fit-set labels, fit records read), caveat notes) of one model:
+    the fit set is ``--manifest``'s ``--fit-split``; a caveat names any overlap between it and the test set."""
     from medclipin.commands.session import load_split, test_records
     from medclipin.eval.evaluate import score_records
 

@@ -123,6 +123,9 @@ def zeroshot_markdown(result: dict, run: dict, prompts: dict, roc_png: str | Non
         lines += ["", f"Note: {result['note']}."]
     if roc_png:
         lines += ["", f"![ROC curves]({roc_png})"]
+    if result.get("clinical"):
+        lines += ["", "Operating points (threshold chosen on the fit split), calibration and subgroups: "
+                      "[report.md](report.md)."]
     return "\n".join(lines) + "\n"
 
 
