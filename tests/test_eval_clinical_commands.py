@@ -56,7 +56,7 @@ def test_zeroshot_on_an_external_test_set(eval_model, eval_data, eval_prompts, e
     report = (out / "report.md").read_text()
     assert "external test set" in report and "sensitivity" in report and "## Subgroups" in report
     assert file_sha256(external_manifest) in report
-    for png in ("report_roc.png", "report_reliability.png"):
+    for png in ("report_roc.png", "report_reliability.png", "report_subgroups.png"):
         assert (out / png).stat().st_size > 10_000 and f"]({png})" in report
     examples = sorted(p.name for p in out.glob("example_*.png"))
     assert examples and all(f"]({name})" in report for name in examples)

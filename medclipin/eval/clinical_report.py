@@ -107,6 +107,50 @@ def plot_roc_bands(scores: np.ndarray, labels: np.ndarray, class_names: Sequence
     return path
 
 
+def plot_subgroup_forest(subgroups: dict, class_names: Sequence[str], path: str | os.PathLike,
+                         overall: dict | None = None) -> Path | None:
+    """Forest plot: per finding (one panel each), the AUC and its 95% CI of every subgroup, the whole set's AUC
+    as a dashed line; groups too small to conclude anything are drawn in grey. ``None`` without subgroups."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(column, value) for column, groups in subgroups.items() for value in groups]
+    if not rows:
+        return None
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(class_names), figsize=(2.2 + 2.6 * len(class_names), 0.9 + 0.32 * len(rows)),
+                             dpi=110, sharey=True, squeeze=False)
+    positions = np.arange(len(rows))[::-1]
+    for ax, name in zip(axes[0], class_names):
+        for y, (column, value) in zip(positions, rows):
+            e = subgroups[column][value]["per_class"][name]
+            if e["auc"] is None:
+                ax.text(0.5, y, "n/a", ha="center", va="center", fontsize=7, color="0.5")
+                continue
+            colour = "0.65" if e["too_small"] else "tab:blue"
+            ci = e.get("auc_ci") or {}
+            if ci.get("low") is not None:
+                ax.plot([ci["low"], ci["high"]], [y, y], color=colour, linewidth=1.5)
+            ax.plot([e["auc"]], [y], marker="s", color=colour, markersize=5)
+        auc = ((overall or {}).get(name) or {}).get("auc")
+        if auc is not None:
+            ax.axvline(auc, color="tab:red", linestyle="--", linewidth=1)
+        ax.axvline(0.5, color="0.8", linewidth=1)
+        ax.set_xlim(-0.03, 1.03)  # a group at AUC 0 or 1 stays visible
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("AUC (95% CI)", fontsize=8)
+        ax.grid(axis="x", alpha=0.3)
+    labels = [f"{column}: {value} (n={subgroups[column][value]['n_records']})" for column, value in rows]
+    axes[0][0].set_yticks(positions, labels, fontsize=8)
+    fig.suptitle("AUC by subgroup (grey: too few positives or negatives; red dashed: all images)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_gradcam_examples(store, prompts, records, scores: np.ndarray, labels: np.ndarray, per_class: dict,
                      out_dir: Path, limit: int = 3) -> list[dict]:
     """Up to ``limit`` Grad-CAM figures for the class with most positives: its most confident true positive,
@@ -148,7 +192,8 @@ def write_gradcam_examples(store, prompts, records, scores: np.ndarray, labels: 
 def write_clinical_report(out: Path, result: dict, run: dict, prompts, records, scores: np.ndarray,
                           labels: np.ndarray, calibrated: np.ndarray, store=None, gradcam_examples: int = 3,
                           bootstrap: int = 1000, seed: int = 0) -> Path:
-    """Figures (``report_roc.png``, ``report_reliability.png``, Grad-CAM examples) and ``report.md`` in ``out``."""
+    """Figures (``report_roc.png``, ``report_reliability.png``, ``report_subgroups.png``, Grad-CAM examples) and
+    ``report.md`` in ``out``."""
     out = Path(out)
     names = prompts.class_names
     per_class = result["per_class"]
@@ -216,7 +261,8 @@ def write_clinical_report(out: Path, result: dict, run: dict, prompts, records, 
                      _num2(cal.get("brier")), cal.get("note", "")])
     lines += _table(["finding", "ECE raw score", "ECE calibrated", "Brier raw", "Brier calibrated", "note"], rows)
     lines += ["", f"![Reliability diagram]({reliability.name})", ""]
-    lines += _subgroup_lines(result.get("subgroups") or {}, names)
+    forest = plot_subgroup_forest(result.get("subgroups") or {}, names, out / "report_subgroups.png", per_class)
+    lines += _subgroup_lines(result.get("subgroups") or {}, names, forest.name if forest else None)
     if examples:
         lines += ["## Examples (Grad-CAM)", "",
                   "Warm colours mark the image regions that pushed the model towards the finding rather than its "
@@ -235,10 +281,12 @@ def _num2(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _subgroup_lines(subgroups: dict, names: Sequence[str]) -> list[str]:
+def _subgroup_lines(subgroups: dict, names: Sequence[str], forest_png: str | None = None) -> list[str]:
     lines = ["## Subgroups", ""]
     if not subgroups:
         return lines + ["The scored records have no view, sex, age or source values: no subgroups.", ""]
+    if forest_png:
+        lines += [f"![AUC by subgroup]({forest_png})", ""]
     lines += ["The same threshold for every group. *Too few* = fewer than 5 positive or 5 negative images for "
               "that finding in that group: the intervals are too wide to conclude anything.", ""]
     for column, groups in subgroups.items():
