@@ -22,6 +22,7 @@ COMMANDS = {
     "zeroshot": ("zeroshot", "zero-shot classification from prompt files"),
     "retrieve": ("retrieve", "image<->text retrieval metrics and queries"),
     "probe": ("probe", "linear probe on frozen image features"),
+    "compare": ("compare", "two models on the same images: ΔAUC with CI and DeLong p, operating-point differences"),
     "supervised": ("supervised", "the supervised ceiling: the same image tower trained on the labels"),
     "gradcam": ("gradcam", "multimodal Grad-CAM: where the image and which words drive a match"),
     "import": ("import_base", "a medclipin model folder from an open_clip / OpenAI / HF CLIP"),

@@ -56,6 +56,7 @@ def test_chexpert_full_manifest(tmp_path):
     assert by_id["CheXpert-v1.0-small/train/patient09003/study1/view1_frontal.jpg"].labels["Atelectasis"] == 1.0
     assert by_id["CheXpert-v1.0-small/train/patient09003/study1/view2_lateral.jpg"].view == "LATERAL"
     assert by_id["CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg"].split == "validate"
+    assert {(r.sex, r.age, r.source) for r in manifest.records} == {("Female", "60", "CheXpert")}  # subgroups
     assert validate_manifest(out).ok
     assert prepare_main(["chexpert", "--root", str(root), "--out", str(out), "--frontal-only",
                          "--uncertain", "ignore"]) == 0

@@ -5,7 +5,8 @@ Query mode (no metrics): --query-image PATH lists the top-k reports of the manif
 --query-text "..." lists the top-k images for a sentence. Output: manifest row numbers and cosine
 scores (identical reports are listed once, with how many records share them); record ids (which often
 embed patient identifiers) only with --show-ids, report text only with --show-text. Queries search
-every record unless --split is given.
+every record unless --split is given. --test-manifest M2 evaluates every record of M2 instead (an external
+set; its split column is ignored).
 
 Examples:
   medclipin retrieve --checkpoint demo_out/run/model --manifest demo_out/data/manifest.csv --out eval_out/retrieval
@@ -20,9 +21,10 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.commands.session import add_model_arguments, positive_int
+    from medclipin.commands.session import add_model_arguments, add_test_manifest_argument, positive_int
 
     add_model_arguments(parser)
+    add_test_manifest_argument(parser)
     parser.add_argument("--out", default=None, help="output folder (required for metrics; optional for queries)")
     parser.add_argument("--split", default=None,
                         help="split: train, validate, test or all (default: test for metrics, all for queries)")
@@ -38,7 +40,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from medclipin.commands.session import check_outputs, load_split, open_store, run_info
+    from medclipin.commands.session import check_outputs, open_store, run_info, test_records
 
     check_outputs(args)  # before the manifest and the model
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -47,7 +49,7 @@ def run(args) -> int:
         print("error: --out is required unless --query-image or --query-text is given", file=sys.stderr)
         return 2
     split = args.split or ("all" if querying else "test")
-    _, records = load_split(args.manifest, split)
+    records = test_records(args, split)  # --test-manifest: every record of it
     store, model_dir, cache_dir = open_store(args, args.out)
     run_block = run_info(args, store, model_dir, cache_dir, split=split, n_records=len(records))
     if querying:

@@ -20,14 +20,15 @@ from pathlib import Path
 from medclipin.data.manifest import Manifest, ManifestError, Record, read_manifest
 
 
-def add_model_arguments(parser, manifest_required: bool = True) -> None:
-    parser.add_argument("--checkpoint", required=True,
-                        help="model folder (model.safetensors + config.json), a run folder (uses RUN/model), a "
-                             "checkpoint folder, or a third-party CLIP: open_clip:local-dir:DIR, hf:DIR, "
-                             "open_clip:ARCH with --weights FILE")
-    parser.add_argument("--weights", default="",
-                        help="weights file of an open_clip:ARCH checkpoint (OpenAI .pt archive, epoch_N.pt, "
-                             ".safetensors)")
+def add_model_arguments(parser, manifest_required: bool = True, checkpoint: bool = True) -> None:
+    if checkpoint:  # `compare` takes --checkpoints A B instead
+        parser.add_argument("--checkpoint", required=True,
+                            help="model folder (model.safetensors + config.json), a run folder (uses RUN/model), a "
+                                 "checkpoint folder, or a third-party CLIP: open_clip:local-dir:DIR, hf:DIR, "
+                                 "open_clip:ARCH with --weights FILE")
+        parser.add_argument("--weights", default="",
+                            help="weights file of an open_clip:ARCH checkpoint (OpenAI .pt archive, epoch_N.pt, "
+                                 ".safetensors)")
     parser.add_argument("--manifest", required=manifest_required, default=None, help="manifest CSV/JSONL")
     parser.add_argument("--embedding-cache", default="",
                         help="folder for cached embeddings (default: <checkpoint model folder>/../embeddings if "
@@ -112,6 +113,24 @@ def load_split(manifest_path: str, split: str) -> tuple[Manifest, list[Record]]:
     return manifest, records
 
 
+def add_test_manifest_argument(parser) -> None:
+    parser.add_argument("--test-manifest", default=None,
+                        help="an external test set (another hospital's manifest): every record of it is scored, "
+                             "its split column ignored; --manifest's train/validate splits still train the probe "
+                             "and choose thresholds and calibration")
+
+
+def test_records(args, split: str) -> list[Record]:
+    """The records to score: every record of ``--test-manifest`` when given (its split ignored), else
+    ``--manifest``'s ``split``."""
+    if getattr(args, "test_manifest", None):
+        manifest = read_manifest(args.test_manifest)
+        if not manifest.records:
+            raise ManifestError(f"{args.test_manifest}: no records")
+        return manifest.records
+    return load_split(args.manifest, split)[1]
+
+
 def run_info(args, store, model_dir: Path, cache_dir: Path | None, split: str | None = None,
              n_records: int | None = None) -> dict:
     """The "what ran" block: checkpoint, model fingerprint, manifest + sha256, split, counts, arguments, date."""
@@ -123,6 +142,9 @@ def run_info(args, store, model_dir: Path, cache_dir: Path | None, split: str | 
         "manifest": str(args.manifest) if getattr(args, "manifest", None) else None,
         "manifest_sha256": file_sha256(args.manifest) if getattr(args, "manifest", None) else None,
         "split": split,
+        **({"test_manifest": str(args.test_manifest), "test_manifest_sha256": file_sha256(args.test_manifest),
+            "split": "all records of the test manifest (its split column ignored)"}
+           if getattr(args, "test_manifest", None) else {}),
         "n_records": n_records,
         "embedding_cache": str(cache_dir) if cache_dir else "none",
         "arguments": {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and k != "command"},

@@ -4,7 +4,8 @@ The format is documented in ``datasets/README.md``. A manifest is a CSV (or JSON
 with the columns ``record_id, patient_id, study_id, image_path, view, split, findings, impression,
 text``, one ``label:<Class Name>`` column per class (``1``, ``0``, ``-1`` for uncertain, empty for
 not stated) and ``boxes`` (JSON list of ``{"label": ..., "box": [x0, y0, x1, y1]}`` in pixels of the
-original image). Any other column (e.g. the synthetic set's ``pair_noise``) is kept in
+original image). Optional columns ``sex``, ``age`` and ``source`` (the hospital or dataset a
+record comes from) feed subgroup evaluation; they are written only when some record has a value. Any other column (e.g. the synthetic set's ``pair_noise``) is kept in
 ``Record.extra`` and written back after ``boxes``.
 """
 
@@ -33,6 +34,7 @@ BASE_COLUMNS = (
     "impression",
     "text",
 )
+OPTIONAL_COLUMNS = ("sex", "age", "source")  # written only when a record has one (older manifests unchanged)
 
 
 class ManifestError(MedclipinError, ValueError):
@@ -63,6 +65,9 @@ class Record:
     labels: dict[str, float | None] = field(default_factory=dict)
     boxes: list[Box] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)  # other columns, by name (kept on a round trip)
+    sex: str = ""
+    age: str = ""  # as stated (a number, "50+", "early 40s"); evaluation groups it in bands
+    source: str = ""
 
     def positive_labels(self) -> list[str]:
         return [name for name, value in self.labels.items() if value == 1.0]
@@ -114,7 +119,8 @@ def _parse_boxes(value: str | list | None, where: str) -> list[Box]:
 
 
 def _is_extra_column(name: str) -> bool:
-    return name not in BASE_COLUMNS and name != "boxes" and not name.startswith(LABEL_PREFIX)
+    return (name not in BASE_COLUMNS and name not in OPTIONAL_COLUMNS and name != "boxes"
+            and not name.startswith(LABEL_PREFIX))
 
 
 def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, where: str) -> Record:
@@ -143,6 +149,7 @@ def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, wher
         labels=labels,
         boxes=_parse_boxes(row.get("boxes"), where),
         extra={k: "" if v is None else str(v) for k, v in row.items() if k and _is_extra_column(k)},
+        **{k: str(row.get(k) or "").strip() for k in OPTIONAL_COLUMNS},
     )
 
 
@@ -192,7 +199,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest(path=path, records=records, label_names=label_names)
 
 
-def _row_from_record(record: Record, label_names: Sequence[str], base_dir: Path | None) -> dict:
+def _row_from_record(record: Record, label_names: Sequence[str], base_dir: Path | None,
+                     optional_columns: Sequence[str] = ()) -> dict:
     image_path = record.image_path
     if base_dir is not None:
         try:
@@ -214,6 +222,8 @@ def _row_from_record(record: Record, label_names: Sequence[str], base_dir: Path 
         value = record.labels.get(name)
         row[LABEL_PREFIX + name] = "" if value is None else str(int(value))
     row["boxes"] = json.dumps([{"label": b.label, "box": list(b.box)} for b in record.boxes]) if record.boxes else ""
+    for name in optional_columns:
+        row[name] = getattr(record, name)
     row.update(record.extra)
     return row
 
@@ -238,14 +248,15 @@ def write_manifest(
             label_names.extend(k for k in record.labels if k not in label_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     base_dir = path.resolve().parent if relative_paths else None
-    rows = [_row_from_record(r, label_names, base_dir) for r in records]
+    optional = [c for c in OPTIONAL_COLUMNS if any(getattr(r, c) for r in records)]
+    rows = [_row_from_record(r, label_names, base_dir, optional) for r in records]
     extra_columns: list[str] = []
     for record in records:
         extra_columns.extend(k for k in record.extra if k not in extra_columns and _is_extra_column(k))
     for row in rows:  # every record has every column (CSV and JSONL alike)
         for name in extra_columns:
             row.setdefault(name, "")
-    columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"] + extra_columns
+    columns = list(BASE_COLUMNS) + [LABEL_PREFIX + n for n in label_names] + ["boxes"] + optional + extra_columns
     with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
         if path.suffix == ".jsonl":
             for row in rows:

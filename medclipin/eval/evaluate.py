@@ -50,27 +50,37 @@ def check_prompt_classes(records: list[Record], prompts: PromptSet) -> None:
                        f"(manifest classes: {sorted(known)})")
 
 
+def score_records(store: EmbeddingStore, records: list[Record], prompts: PromptSet) -> tuple[list[Record], np.ndarray, np.ndarray]:
+    """(readable records, (N, C) zero-shot scores, (N, C) labels 1/0/NaN) of ``records`` against ``prompts``."""
+    if not records:
+        return [], np.zeros((0, len(prompts.class_names))), np.zeros((0, len(prompts.class_names)))
+    check_prompt_classes(records, prompts)
+    positive, negative = class_embeddings(store, prompts)
+    logit_scale = float(store.model.logit_scale.detach().exp())
+    records, images = keep_readable(list(records), store.images(list(records)))
+    scores = zero_shot_scores(images, positive, negative, logit_scale).numpy()
+    return records, scores, labels_matrix(records, prompts.class_names)
+
+
 def zero_shot(store: EmbeddingStore, records: list[Record], prompts: PromptSet, bootstrap: int = 1000,
-              seed: int = 0) -> dict:
+              seed: int = 0, keep_records: bool = False) -> dict:
     """Zero-shot metrics of ``records`` against ``prompts`` (classes missing from the manifest are an error).
 
     Returns the metrics of :func:`~medclipin.eval.metrics.classification_metrics` plus ``scores`` and
-    ``labels`` arrays (N, C) for plots (not JSON: pop them before writing).
+    ``labels`` arrays (N, C) for plots (not JSON: pop them before writing), and with ``keep_records`` the
+    readable ``records`` they belong to (pop those too).
     """
     if not records:
         raise ValueError("no records to evaluate")
     records_all = list(records)
-    check_prompt_classes(records, prompts)
-    positive, negative = class_embeddings(store, prompts)
-    logit_scale = float(store.model.logit_scale.detach().exp())
-    records, images = keep_readable(records, store.images(records))
-    scores = zero_shot_scores(images, positive, negative, logit_scale).numpy()
-    labels = labels_matrix(records, prompts.class_names)
+    records, scores, labels = score_records(store, records_all, prompts)
     result = classification_metrics(scores, labels, prompts.class_names, prompts.mode, bootstrap=bootstrap, seed=seed)
-    result["logit_scale"] = logit_scale
+    result["logit_scale"] = float(store.model.logit_scale.detach().exp())
     result["unreadable_images"] = store.rejected_records(records_all)
     result["scores"] = scores
     result["labels"] = labels
+    if keep_records:
+        result["records"] = records
     return result
 
 
@@ -96,6 +106,31 @@ def probe(store: EmbeddingStore, train_records: list[Record], test_records: list
         test_x.numpy(), labels_matrix(test_records, class_names),
         class_names, fractions=fractions, seeds=seeds,
     )
+
+
+def probe_clinical(store: EmbeddingStore, train_records: list[Record], fit_records: list[Record],
+                   test_records: list[Record], class_names: list[str], rule, calibration: str = "platt",
+                   bootstrap: int = 1000, seed: int = 0, features: str = "encoder") -> dict:
+    """Operating points, calibration and subgroups of the probe trained on all of ``train_records``, with
+    thresholds and calibration fitted on ``fit_records`` (validate) and applied to ``test_records``
+    (see :func:`~medclipin.eval.clinical.clinical_metrics`; ``calibrated`` is dropped)."""
+    from medclipin.eval.clinical import clinical_metrics
+    from medclipin.eval.probe import probe_probabilities
+
+    train_records, train_x = keep_readable(train_records, store.images(train_records, features=features))
+    fit_records, fit_x = keep_readable(fit_records, store.images(fit_records, features=features)) \
+        if fit_records else ([], torch.zeros((0, train_x.shape[1])))
+    test_records, test_x = keep_readable(test_records, store.images(test_records, features=features))
+    (fit_scores, test_scores), trained = probe_probabilities(
+        train_x.numpy(), labels_matrix(train_records, class_names), [fit_x.numpy(), test_x.numpy()], class_names,
+        seed=seed)
+    result = clinical_metrics(fit_scores, labels_matrix(fit_records, trained), test_scores,
+                              labels_matrix(test_records, trained), trained, test_records, rule,
+                              calibration=calibration, bootstrap=bootstrap, seed=seed)
+    result.pop("calibrated")
+    result["classes_not_trained"] = [c for c in class_names if c not in trained]
+    result["fit_records"] = len(fit_records)
+    return result
 
 
 def gradcam_localisation(store: EmbeddingStore, records: list[Record], prompts: PromptSet, out_dir: Path | None,

@@ -153,3 +153,30 @@ def linear_probe(train_features, train_labels, test_features, test_labels, class
 
 def _fraction_key(fraction: float) -> str:
     return f"{fraction:g}" if not math.isclose(fraction, 1.0) else "1"
+
+
+def probe_probabilities(train_features, train_labels, score_features: Sequence, class_names: Sequence[str],
+                        seed: int = 0, max_iter: int = 1000, c_value: float = 1.0) -> tuple[list[np.ndarray], list[str]]:
+    """One probe per class on *all* the training rows with a known label (the 100% protocol), applied to
+    each array of ``score_features``: ([(N_i, C') probabilities], the C' classes that could be trained — a
+    class whose training labels are one value is left out)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x_train = np.asarray(train_features, dtype=np.float64)
+    y_train = np.asarray(train_labels, dtype=np.float64)
+    columns: list[list[np.ndarray]] = [[] for _ in score_features]
+    trained = []
+    for c, name in enumerate(class_names):
+        known = ~np.isnan(y_train[:, c])
+        y = y_train[known, c].astype(int)
+        if len(y) == 0 or y.min() == y.max():
+            continue
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=c_value, max_iter=max_iter, random_state=seed))
+        model.fit(x_train[known], y)
+        trained.append(name)
+        for i, x in enumerate(score_features):
+            x = np.asarray(x, dtype=np.float64)
+            columns[i].append(model.predict_proba(x)[:, 1] if len(x) else np.zeros(0))
+    return [np.stack(cols, 1) if cols else np.zeros((len(x), 0)) for cols, x in zip(columns, score_features)], trained

@@ -63,13 +63,16 @@ def _table(header: Sequence[str], rows: list[Sequence[str]]) -> list[str]:
 def _run_lines(run: dict) -> list[str]:
     lines = ["## What ran", ""]
     for key, label in (("checkpoint", "checkpoint"), ("model_fingerprint", "model fingerprint"),
-                       ("manifest", "manifest"), ("manifest_sha256", "manifest sha256"), ("split", "split"),
+                       ("manifest", "manifest"), ("manifest_sha256", "manifest sha256"),
+                       ("test_manifest", "external test manifest"), ("test_manifest_sha256", "test manifest sha256"),
+                       ("split", "split"),
                        ("n_records", "records evaluated"), ("embedding_cache", "embedding cache"),
                        ("medclipin_version", "medclipin version"), ("date", "date (UTC)")):
         if run.get(key) not in (None, ""):
             value = run[key]
-            lines.append(f"- {label}: `{value}`" if key in ("checkpoint", "manifest", "embedding_cache",
-                                                               "manifest_sha256", "model_fingerprint") else f"- {label}: {value}")
+            lines.append(f"- {label}: `{value}`" if key in ("checkpoint", "manifest", "embedding_cache", "manifest_sha256",
+                                                               "model_fingerprint", "test_manifest",
+                                                               "test_manifest_sha256") else f"- {label}: {value}")
     if run.get("arguments"):
         args = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in run["arguments"].items()
                         if v not in (None, "", False))
@@ -120,6 +123,9 @@ def zeroshot_markdown(result: dict, run: dict, prompts: dict, roc_png: str | Non
         lines += ["", f"Note: {result['note']}."]
     if roc_png:
         lines += ["", f"![ROC curves]({roc_png})"]
+    if result.get("clinical"):
+        lines += ["", "Operating points (threshold chosen on the fit split), calibration and subgroups: "
+                      "[report.md](report.md)."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +212,28 @@ def probe_markdown(result: dict, run: dict) -> str:
         cells += [_pm(entry["per_class"][n]) for n in names]
         rows.append(cells)
     lines += _table(["labels", "n train (per seed)", "macro AUC"] + list(names), rows)
+    clinical = result.get("clinical")
+    if clinical:
+        lines += ["", "## Operating points (probe trained on all the training labels)", "",
+                  f"Threshold per class: {clinical['threshold_rule_text']}, on {clinical['fit_records']} "
+                  f"fit-split records; calibration: {clinical['calibration_method']}. 95% bootstrap CIs.", ""]
+        rows = []
+        for name, e in clinical["per_class"].items():
+            p, cal = e["operating_point"], e["calibration"]
+            rows.append([name, "n/a" if p["threshold"] is None else f"{p['threshold']:.3g}",
+                         *(_with_interval(p[m], p.get(m + "_ci")) for m in ("sensitivity", "specificity", "ppv", "npv")),
+                         _num(cal.get("ece")), _num(cal.get("brier"))])
+        lines += _table(["class", "threshold", "sensitivity", "specificity", "PPV", "NPV", "ECE", "Brier"], rows)
+        if clinical.get("classes_not_trained"):
+            lines += ["", "Not trained (one label value in the training split): "
+                      + ", ".join(clinical["classes_not_trained"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _with_interval(value, interval: dict | None) -> str:
+    if value is None or not interval or interval.get("low") is None:
+        return _num(value)
+    return f"{value:.3f} ({interval['low']:.3f}–{interval['high']:.3f})"
 
 
 def _pm(entry: dict) -> str:

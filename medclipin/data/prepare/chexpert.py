@@ -156,6 +156,7 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
             labels = {name: uncertain_value(parse_label_value(row.get(name, "")), opts.uncertain)
                       for name in LABELS if name in row}
             records.append(Record(record_id=rel, patient_id=patient, study_id=study, image_path=str(image),
-                                  split=split, view=_view(row), labels=labels))
+                                  split=split, view=_view(row), labels=labels, sex=row.get("Sex", "").strip(),
+                                  age=row.get("Age", "").strip(), source="CheXpert"))
     label_names = [n for n in LABELS if n in train_rows[0]] if train_rows else list(LABELS)
     return PrepareResult(records, label_names, skipped, notes)

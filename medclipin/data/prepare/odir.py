@@ -120,5 +120,7 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
             records.append(Record(
                 record_id=Path(filename).stem, patient_id=patient, study_id=patient, image_path=str(paths[0]),
                 split=split, view="FUNDUS", text=", ".join(keywords), labels=labels,
+                sex=str(row.get("Patient Sex") or "").strip(), age=str(row.get("Patient Age") or "").strip(),
+                source="ODIR-5K",
             ))
     return PrepareResult(records, list(LABELS), skipped, notes)

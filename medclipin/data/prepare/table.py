@@ -6,7 +6,13 @@ as written, each of ``--image-extensions`` is tried appended to it (``COVID-0000
 ``COVID-00001.jpg``). Text: ``--text-column`` (free text -> ``text``), ``--findings-column`` /
 ``--impression-column``, or ``--report-column`` (a whole report, split by
 :func:`medclipin.data.reports.extract_sections`). Labels: ``--label-column`` (one categorical
-column -> one-hot; empty cell = not stated) or ``--label-columns`` (1/0/-1/empty each).
+column -> one-hot; empty cell = not stated) or ``--label-columns`` (1/0/-1/empty each). With
+``--label-map FILE`` (YAML, class -> list of values of --label-column, case/whitespace-insensitive; see
+:mod:`medclipin.data.prepare.label_map`) the classes are the map's: a row is positive for the classes its
+value is listed under and negative for the rest; a value listed nowhere is negative for every class, or
+not stated with ``--unlisted not-stated`` (counted in the summary either way). ``--label-separator "|"``
+splits a cell holding several findings ("Cardiomegaly|Effusion"). ``--sex-column``, ``--age-column`` and
+``--source NAME`` fill the manifest's optional subgroup columns.
 Patients: ``--patient-column`` (optionally narrowed by ``--patient-pattern``, a regex whose group 1
 is the patient id); splits: ``--split-column`` or a deterministic hash of the patient id.
 Rows: ``--where COLUMN=VALUE[,VALUE...]`` keeps only matching rows (real tables mix modalities and
@@ -27,6 +33,7 @@ from medclipin.data.prepare.common import (
     read_table,
 )
 from medclipin.data.prepare.image_folder import patient_of
+from medclipin.data.prepare.label_map import load_label_map
 from medclipin.data.reports import extract_sections, normalize_whitespace
 
 SPLIT_VALUES = {"train": "train", "training": "train", "val": "validate", "valid": "validate",
@@ -60,6 +67,14 @@ class Options(SplitOptions):
     require_text: bool = option(False, "skip rows without any text (counted)")
     label_column: str | None = option(None, "one categorical label column -> one-hot", group="labels")
     label_columns: list[str] | None = option(None, "label columns with 1/0/-1/empty", nargs="+", group="labels")
+    label_map: str | None = option(None, "YAML mapping class -> list of --label-column values (case- and "
+                                         "whitespace-insensitive); e.g. datasets/figure1/label_map.yaml")
+    unlisted: str = option("negative", "--label-map: a value listed for no class is negative for every class "
+                                       "(default) or not-stated", choices=("negative", "not-stated"))
+    label_separator: str | None = option(None, 'split --label-column cells into several values, e.g. "|"')
+    sex_column: str | None = option(None, "patient sex column (subgroup evaluation)")
+    age_column: str | None = option(None, "patient age column (subgroup evaluation, in bands)")
+    source: str | None = option(None, "where these images come from (hospital or dataset name) -> source column")
     patient_column: str | None = option(None, "patient id column (default: the record id)")
     patient_pattern: str | None = option(None, "regex on the patient value; group 1 = patient id")
     study_column: str | None = option(None, "study id column (default: the record id)")
@@ -80,6 +95,9 @@ class Options(SplitOptions):
                                "image_template (--image-template)")
         if self.label_column and self.label_columns:
             raise PrepareError("pass label_column (--label-column) or label_columns (--label-columns), not both")
+        if (self.label_map or self.label_separator) and not self.label_column:
+            raise PrepareError("--label-map and --label-separator apply to --label-column; pass it")
+        self.mapping = load_label_map(self.label_map) if self.label_map else None
 
 
 @dataclass(frozen=True)
@@ -158,7 +176,8 @@ def _read_checked_table(root: Path, opts: Options) -> tuple[Path, list[dict]]:
     columns = set(rows[0])
     named = [opts.image_column, opts.id_column, opts.text_column, opts.findings_column, opts.impression_column,
              opts.report_column, opts.label_column, opts.patient_column, opts.study_column, opts.view_column,
-             opts.split_column, *(opts.label_columns or []), *(c.column for c in opts.conditions)]
+             opts.split_column, opts.sex_column, opts.age_column, *(opts.label_columns or []),
+             *(c.column for c in opts.conditions)]
     missing = [c for c in named if c and c not in columns]
     if missing:
         raise PrepareError(f"{table}: no column(s) {', '.join(map(repr, missing))}; columns are {sorted(columns)}")
@@ -178,12 +197,29 @@ def _report_fields(row: dict, opts: Options) -> tuple[str, str, str]:
     return findings, impression, text
 
 
-def _row_labels(row: dict, opts: Options, label_names: list[str]) -> dict[str, float | None]:
-    """Labels of a row: one class column (one-hot; empty = not stated) or one column per label.
-    Raises ValueError for a value that is not a label."""
+def _cell_values(row: dict, opts: Options) -> list[str]:
+    value = row[opts.label_column].strip()
+    if not opts.label_separator:
+        return [value] if value else []
+    return [v.strip() for v in value.split(opts.label_separator) if v.strip()]
+
+
+def _row_labels(row: dict, opts: Options, label_names: list[str], notes: Counter) -> dict[str, float | None]:
+    """Labels of a row: one class column (one-hot, or through --label-map; empty = not stated) or one column
+    per label. Raises ValueError for a value that is not a label."""
     if opts.label_column:
-        value = row[opts.label_column].strip()
-        return {n: (1.0 if n == value else 0.0) if value else None for n in label_names}
+        values = _cell_values(row, opts)
+        if not values:
+            return {n: None for n in label_names}
+        if opts.mapping is None:
+            return {n: 1.0 if n in values else 0.0 for n in label_names}
+        found = [opts.mapping.classes_of(v) for v in values]
+        positive = frozenset().union(*(f for f in found if f))
+        if None in found:
+            notes[f"label map: value listed for no class (-> {'negative for every class' if opts.unlisted == 'negative' else 'not stated'})"] += 1
+        if not positive and opts.unlisted == "not-stated":
+            return {n: None for n in label_names}
+        return {n: 1.0 if n in positive else 0.0 for n in label_names}
     return {n: _label(row.get(n, "")) for n in label_names}
 
 
@@ -193,8 +229,10 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
     root = Path(root)
     _, rows = _read_checked_table(root, opts)
     base = Path(opts.image_root) if opts.image_root else root
-    if opts.label_column:
-        label_names = sorted({r[opts.label_column].strip() for r in rows if r[opts.label_column].strip()})
+    if opts.mapping is not None:
+        label_names = list(opts.mapping.classes)
+    elif opts.label_column:
+        label_names = sorted({v for r in rows for v in _cell_values(r, opts)})
     else:
         label_names = list(opts.label_columns or [])
     skipped: Counter = Counter()
@@ -226,7 +264,7 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
                 continue
             notes["no text (kept)"] += 1
         try:
-            labels = _row_labels(row, opts, label_names)
+            labels = _row_labels(row, opts, label_names, notes)
         except ValueError:
             skipped["invalid label value"] += 1
             continue
@@ -247,5 +285,7 @@ def prepare(root: str | os.PathLike, options: Options | None = None, **overrides
             study_id=row[opts.study_column].strip() if opts.study_column else record_id,
             image_path=str(image), split=split, view=row[opts.view_column].strip() if opts.view_column else "",
             findings=findings, impression=impression, text=text, labels=labels,
+            sex=row[opts.sex_column].strip() if opts.sex_column else "",
+            age=row[opts.age_column].strip() if opts.age_column else "", source=opts.source or "",
         ))
     return PrepareResult(records, label_names, skipped, notes)
