@@ -266,6 +266,11 @@ def test_continue_training_a_base_with_clipin_then_evaluate_and_export_from_the_
     assert main(["zeroshot", "--checkpoint", f"open_clip:local-dir:{tmp_path / 'base'}", "--manifest", str(eval_data),
                  "--prompts", str(eval_prompts), "--out", str(tmp_path / "zs_base"), "--bootstrap", "0"]) == 0
     assert (tmp_path / "zs_base" / "zeroshot.json").is_file()
+    # the paired comparison takes a third-party CLIP as either model
+    assert main(["compare", "--checkpoints", f"open_clip:local-dir:{tmp_path / 'base'}", str(run), "--manifest",
+                 str(eval_data), "--prompts", str(eval_prompts), "--out", str(tmp_path / "cmp"),
+                 "--bootstrap", "20"]) == 0
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["classes"]
     assert main(["export", "--checkpoint", str(run), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 0
     assert main(["export", "--checkpoint", str(run), "--format", "open_clip", "--out", str(tmp_path / "oc")]) == 2
     assert main(["import", "--base", f"open_clip:local-dir:{tmp_path / 'oc'}", "--out", str(tmp_path / "imported")]) == 0
