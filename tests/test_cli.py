@@ -9,7 +9,7 @@ import pytest
 from medclipin.cli import COMMANDS, build_parser, main
 
 DOCUMENTED = ["demo", "synth", "pretrain", "prepare", "validate", "preprocess", "tokenizer",
-              "zeroshot", "retrieve", "probe", "compare", "supervised", "gradcam", "bench"]
+              "zeroshot", "retrieve", "probe", "compare", "supervised", "gradcam", "import", "export", "bench"]
 
 
 def test_every_documented_command_is_installed():
