@@ -266,6 +266,17 @@ def test_continue_training_a_base_with_clipin_then_evaluate_and_export_from_the_
     assert main(["zeroshot", "--checkpoint", f"open_clip:local-dir:{tmp_path / 'base'}", "--manifest", str(eval_data),
                  "--prompts", str(eval_prompts), "--out", str(tmp_path / "zs_base"), "--bootstrap", "0"]) == 0
     assert (tmp_path / "zs_base" / "zeroshot.json").is_file()
+    # Grad-CAM, retrieval and the probe run unchanged on the third-party model
+    from medclipin.data.manifest import read_manifest
+
+    image = read_manifest(eval_data).split("test")[0].image_path
+    assert main(["gradcam", "--checkpoint", f"open_clip:local-dir:{tmp_path / 'base'}", "--image", str(image),
+                 "--text", "left pleural effusion", "--out", str(tmp_path / "cam")]) == 0
+    assert any(p.suffix == ".png" for p in (tmp_path / "cam").iterdir())
+    assert main(["retrieve", "--checkpoint", f"open_clip:local-dir:{tmp_path / 'base'}", "--manifest", str(eval_data),
+                 "--out", str(tmp_path / "rt")]) == 0
+    assert main(["probe", "--checkpoint", f"open_clip:local-dir:{tmp_path / 'base'}", "--manifest", str(eval_data),
+                 "--out", str(tmp_path / "lp"), "--seeds", "0"]) == 0
     # the paired comparison takes a third-party CLIP as either model
     assert main(["compare", "--checkpoints", f"open_clip:local-dir:{tmp_path / 'base'}", str(run), "--manifest",
                  str(eval_data), "--prompts", str(eval_prompts), "--out", str(tmp_path / "cmp"),
