@@ -329,3 +329,45 @@ def test_create_model_and_list_models():
     assert processor.image_cfg.size == 128 and model.spec.pre_dim > 0
     with pytest.raises(MedclipinError, match="trains its own tokenizer"):
         medclipin.create_model("tiny_clip")
+
+
+@pytest.mark.slow
+def test_a_siglip_clipin_run_on_a_base_resumes_exactly(tmp_path, eval_data):
+    """model.base works with the SigLIP objective and resumes like every run: a run killed after its step-2
+    checkpoint continues with the uninterrupted run's losses."""
+    import csv
+    import shutil
+
+    from medclipin.config import load_config
+    from medclipin.train.trainer import pretrain
+
+    _tiny_open_clip_folder(tmp_path / "base")
+    cfg = load_config("tiny_siglip_clipin", [
+        f"data.manifest={eval_data}", f"model.base=open_clip:local-dir:{tmp_path / 'base'}",
+        "model.clipin.pre_dim=48", "model.clipin.nc_dim=64", "model.clipin.predictor_hidden=32",
+        "train.batch_size=8", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+        "train.log_every=1", "train.precision=fp32", "train.validate_every=0"])
+    pretrain(cfg, tmp_path / "reference", progress=False)
+    run = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "reference", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    shutil.rmtree(run / "model")
+    cfg = load_config("tiny_siglip_clipin", [o for o in [
+        f"data.manifest={eval_data}", f"model.base=open_clip:local-dir:{tmp_path / 'base'}",
+        "model.clipin.pre_dim=48", "model.clipin.nc_dim=64", "model.clipin.predictor_hidden=32",
+        "train.batch_size=8", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=3",
+        "train.log_every=1", "train.precision=fp32", "train.validate_every=0"]])
+    assert pretrain(cfg, run, resume="auto", progress=False).steps == 4
+
+    def losses(folder):
+        with (folder / "metrics.csv").open(newline="") as handle:
+            return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(handle) if r.get("loss")}
+
+    expected, got = losses(tmp_path / "reference"), losses(run)
+    assert sorted(got) == [1, 2, 3, 4] and "siglip" in (run / "metrics.csv").read_text().splitlines()[0]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    from medclipin import load
+
+    model, _ = load(run)
+    assert model.kind == "siglip" and model.logit_bias is not None
