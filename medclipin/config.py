@@ -237,7 +237,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str = ""  # prompt YAML for zero-shot (datasets/**/prompts*.yaml)
+    # prompt YAML (or a shipped set's name) for zero-shot validation; its classes must be label:<class> columns of
+    # the manifest. "auto": the shipped set that fits the manifest's classes, else validation by retrieval only
+    prompts: str = ""
     batch_size: int = 64
     gradcam_examples: int = 8
     bootstrap: int = 1000

@@ -61,7 +61,7 @@ def run_demo(out_dir: str | Path, config_path: str | Path | None = None, overrid
     generate_s = time.perf_counter() - start
 
     cfg: Config = load_config(config_path, [f"data.manifest={manifest_path}", *(overrides or [])])
-    if not cfg.eval.prompts:
+    if cfg.eval.prompts in ("", "auto"):  # the demo's data is the synthetic set
         cfg.eval.prompts = SYNTHETIC_PROMPTS
     train_start = time.perf_counter()
     validate_fn = build_validate_fn(cfg, read_manifest(manifest_path).split("validate"))

@@ -68,11 +68,10 @@ def _collate(items: list[dict]) -> dict:
 def class_names_for(cfg: Config, records) -> list[str]:
     """The classes of ``eval.prompts`` when set (so the ceiling and zero-shot score the same classes), else
     every ``label:<Class>`` column of the manifest."""
-    if cfg.eval.prompts:
-        from medclipin.eval.zeroshot import load_prompts
+    from medclipin.train.preflight import eval_prompts, label_names_of
 
-        return load_prompts(cfg.eval.prompts).class_names
-    return sorted(set().union(*(r.labels.keys() for r in records)))
+    prompts = eval_prompts(cfg.eval.prompts, label_names_of(records), cfg.data.manifest)
+    return prompts.class_names if prompts is not None else label_names_of(records)
 
 
 def train_supervised(cfg: Config, out_dir: str | os.PathLike, progress: bool = True) -> dict:

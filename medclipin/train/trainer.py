@@ -51,7 +51,7 @@ from medclipin.models.model import MedClipModel
 from medclipin.models.weights import resolve_normalization
 from medclipin.train.objective import TrainingObjective
 from medclipin.train import checkpoint as ckpt
-from medclipin.train import run_folder
+from medclipin.train import preflight, run_folder
 from medclipin.train.distributed import DistInfo, cleanup, init_distributed
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
 from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
@@ -364,6 +364,10 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     if start_path is None and resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
     if dist_info.is_main:
+        # what the first checkpoint will need, checked before the first step (a full disk fails now, not there)
+        preflight.check_run_folder_space(run_dir, objective)
+        sample = train_records[::max(1, len(train_records) // 500)]
+        preflight.check_tokenizer_coverage(processor, [record_text(r, cfg.data.text.sections) for r in sample])
         _write_run_files(run_dir, cfg, processor, step)
     if dist_info.enabled:
         dist.barrier()
