@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medclipin.atomic import atomic_open
-from medclipin.config import Config, ConfigError
+from medclipin.config import Config, ConfigError, config_to_dict
 from medclipin.errors import MedclipinError
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator, select_usable
 from medclipin.data.manifest import read_manifest
@@ -311,6 +311,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     train_step: TrainStep
     rejects: "RejectLog"
+    manifest_sha256: str = ""
     step: int = 0
     best: dict = field(default_factory=dict)
     final_row: dict = field(default_factory=dict)  # the final step's metrics row, from the final checkpoint
@@ -341,6 +342,10 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
         raise RunSetupError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
     _check_enough_records(cfg, manifest, train_records, global_batch)
     start_path = _resolve_start(run_dir, resume)
+    manifest_sha256 = run_folder.file_sha256(cfg.data.manifest)
+    saved_state = ckpt.load_training_state(start_path) if start_path is not None else None
+    if saved_state is not None:
+        run_folder.check_resume_state(run_dir, start_path, saved_state, cfg, manifest_sha256)
     processor = prepare_processor(cfg, run_dir, train_records, start_path)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
@@ -360,8 +365,8 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     optimizer = build_optimizer(objective, tcfg, device, lrs=tower_learning_rates(model, tcfg))
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, consumed, nonfinite_total, best, final_row = _restore(start_path, objective, optimizer, scheduler, scaler,
-                                                                dist_info, tcfg.seed)
+    step, consumed, nonfinite_total, best, final_row = _restore(start_path, saved_state, objective, optimizer,
+                                                                scheduler, scaler, dist_info, tcfg.seed)
     if start_path is None and resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
     if dist_info.is_main:
@@ -391,10 +396,10 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     return _Run(cfg=cfg, run_dir=run_dir, device=device, precision=precision, dist_info=dist_info,
                 processor=processor, model=model, objective=objective, dataset=dataset, batches=batches,
                 optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_step=train_step, rejects=rejects,
-                step=step, best=best, final_row=final_row)
+                manifest_sha256=manifest_sha256, step=step, best=best, final_row=final_row)
 
 
-def _restore(start_path: Path | None, objective, optimizer, scheduler, scaler, dist_info: DistInfo,
+def _restore(start_path: Path | None, state: dict | None, objective, optimizer, scheduler, scaler, dist_info: DistInfo,
              seed: int) -> tuple[int, int, int, dict, dict]:
     """Weights, optimiser, schedule, scaler and every RNG stream from a checkpoint (nothing when starting
     fresh). Returns (step, micro-batches consumed, non-finite steps so far, best validation figures, the final
@@ -402,7 +407,6 @@ def _restore(start_path: Path | None, objective, optimizer, scheduler, scaler, d
     if start_path is None:
         return 0, 0, 0, {}, {}
     ckpt.load_checkpoint_weights(objective, start_path)
-    state = ckpt.load_training_state(start_path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -553,7 +557,8 @@ def _checkpoint(run: _Run, final_row: dict | None = None) -> None:
     run.train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
     _save_checkpoint(run.run_dir, run.step, run.objective, run.processor, run.optimizer, run.scheduler, run.scaler,
                      run.batches, run.train_step, run.best, run.dist_info, run.cfg.train.keep_checkpoints,
-                     extra={"final_row": final_row} if final_row else None)
+                     extra={"manifest_sha256": run.manifest_sha256, "config": config_to_dict(run.cfg),
+                            **({"final_row": final_row} if final_row else {})})
 
 
 def _save_checkpoint(run_dir: Path, step: int, objective: TrainingObjective, processor: Processor, optimizer,
