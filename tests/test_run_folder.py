@@ -300,3 +300,15 @@ def test_resume_after_config_yaml_was_deleted_still_refuses_changed_math(tmp_pat
     assert not (run / "config.yaml").exists()
     assert pretrain(tiny_config("train.steps=4", "train.checkpoint_every=2", "train.log_every=3", clipin=False), run,
                     resume="auto", progress=False).steps == 4
+
+
+def test_the_demo_never_replaces_a_users_data_folder(tmp_path, capsys):
+    """B6 (issue 25): `demo --out D` deleted the user's D/data/manifest.csv (only D/run was protected)."""
+    data = tmp_path / "demo" / "data"
+    data.mkdir(parents=True)
+    (data / "manifest.csv").write_text("record_id,image_path\nmine,x.png\n")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--patients", "20", "--quiet"]) == 2
+    assert "not empty and not a synthetic dataset (manifest.csv)" in one_line_error(capsys)
+    assert [p.name for p in data.iterdir()] == ["manifest.csv"]
+    assert (data / "manifest.csv").read_text() == "record_id,image_path\nmine,x.png\n"
+    assert not (tmp_path / "demo" / "run").exists()
