@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_yaml
 
 
 class ConfigError(MedclipinError, ValueError):
@@ -273,7 +274,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is Ellipsis:
             value = [value]  # a scalar where a variable-length tuple is expected: one value (e.g. image.mean: 0.5)
         if not isinstance(value, (list, tuple)):
@@ -359,7 +360,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             last = i == len(parts) - 1
             if last:
                 try:
-                    node[part] = yaml.safe_load(raw) if raw.strip() != "" else ""
+                    node[part] = load_yaml(raw) if raw.strip() != "" else ""
                 except yaml.YAMLError as exc:
                     raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
             else:
@@ -397,7 +398,7 @@ def list_configs() -> list[Path]:
 def _read_yaml_mapping(path: Path) -> dict:
     try:
         with path.open(encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            values = load_yaml(handle) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML for a config ({_yaml_problem(exc)})") from None
     if not isinstance(values, dict):

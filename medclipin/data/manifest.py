@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 
 from medclipin.atomic import atomic_open
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_json
 
 LABEL_PREFIX = "label:"
 SPLITS = ("train", "validate", "test")
@@ -105,7 +106,7 @@ def _parse_boxes(value: str | list | None, where: str) -> list[Box]:
     if value in (None, ""):
         return []
     try:
-        items = json.loads(value) if isinstance(value, str) else value
+        items = load_json(value) if isinstance(value, str) else value
         return [Box(str(item["label"]), tuple(float(v) for v in item["box"])) for item in items]
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(
@@ -164,9 +165,10 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ManifestError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+                        rows.append(load_json(line))
+                    except ValueError as exc:
+                        problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                        raise ManifestError(f"{path}, line {number}: not valid JSON ({problem})") from None
         columns: list[str] = []
         for row in rows:
             columns.extend(k for k in row if k not in columns)

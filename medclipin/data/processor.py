@@ -30,6 +30,7 @@ import torch
 
 from medclipin.config import ImageConfig, TextConfig, _build, config_to_dict
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_json
 
 PROCESSOR_NAME = "processor.json"
 PROCESSOR_FORMAT = 1
@@ -191,7 +192,7 @@ class Processor:
         if not path.is_file():
             raise ProcessorError(f"{directory}: no {PROCESSOR_NAME} (not a medclipin model folder)")
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = load_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ProcessorError(f"{path}: not readable JSON ({exc})") from None
         if not isinstance(values, dict):

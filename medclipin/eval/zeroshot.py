@@ -22,6 +22,7 @@ import yaml
 
 from medclipin.errors import MedclipinError
 from medclipin.eval.embeddings import EmbeddingStore
+from medclipin.safe_parse import load_yaml
 
 MODES = ("multilabel", "multiclass")
 
@@ -95,7 +96,7 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
     shipped with medclipin (``"synthetic"``)."""
     path = resolve_prompts_path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -32,6 +32,7 @@ from medclipin.config import (ContrastiveConfig, ImageEncoderConfig, ModelConfig
                               config_to_dict)
 from medclipin.errors import MedclipinError
 from medclipin.models.encoders import ImageEncoder, TextEncoder
+from medclipin.safe_parse import load_json
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ def read_model_config(directory: Path) -> dict:
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise ModelFolderError(f"{directory}: not a medclipin model folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved = load_json(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"{config_path}: not readable JSON ({exc})") from None
     if not isinstance(saved, dict):
@@ -327,7 +328,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     if length > min(size - 8, MAX_HEADER_BYTES):
         raise ModelFolderError(f"{path}: corrupt weights file (header of {length} bytes in a {size}-byte file)")
     try:
-        header = json.loads(raw)
+        header = load_json(raw)
     except (ValueError, UnicodeDecodeError):
         raise ModelFolderError(f"{path}: corrupt weights file (its header is not JSON)") from None
     if not isinstance(header, dict):
