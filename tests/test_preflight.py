@@ -145,3 +145,23 @@ def test_a_tokenizer_that_does_not_cover_the_reports_is_named(caplog):
         assert not caplog.text
         assert preflight.check_tokenizer_coverage(processor, ["心脏大小正常 肺野清晰"]) > 0.5
     assert "does not cover this text" in caplog.text
+
+
+def test_a_typo_in_the_tower_settings_is_one_line_and_writes_nothing(tmp_path):
+    """W11 (issue 25): a typo in model.image_encoder.kwargs was a TypeError traceback."""
+    from medclipin.train.trainer import RunSetupError
+
+    cfg = tiny_config("model.image_encoder.kwargs={patch_size: 8, depht: 1, embed_dim: 32, num_heads: 2}")
+    with pytest.raises(RunSetupError, match=r"unexpected keyword argument 'depht'.*model.image_encoder.kwargs"):
+        pretrain(cfg, tmp_path / "run", progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".medclipin.lock"]
+
+
+def test_a_prompt_template_with_other_fields_is_named(tmp_path):
+    """W11 (issue 25): the template '{} {0} {name}' passed the check and failed when formatted."""
+    from medclipin.eval.zeroshot import PromptFileError, load_prompts
+
+    path = tmp_path / "p.yaml"
+    path.write_text("templates: ['{} {0} {name}']\nclasses: {A: {positive: [a], negative: [b]}}\n")
+    with pytest.raises(PromptFileError, match=r"template '\{\} \{0\} \{name\}' must hold '\{\}' and no other"):
+        load_prompts(path)

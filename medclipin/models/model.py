@@ -297,7 +297,9 @@ def read_model_config(directory: Path) -> dict:
     if not isinstance(saved, dict):
         raise ModelFolderError(f"{config_path}: top level must be an object")
     version = saved.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFolderError(f"{config_path}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ModelFolderError(f"{config_path}: format_version {version!r} is newer than this medclipin "
                                f"understands ({FORMAT_VERSION}); upgrade medclipin")
     return saved
@@ -415,7 +417,14 @@ def _load_weights(model: nn.Module, path: Path, map_location, drop_prefixes: tup
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFolderError(f"{path}: cannot read weights ({exc})") from None
-    model.load_state_dict(_renamed(state, drop_prefixes, rename), strict=True)
+    state = _renamed(state, drop_prefixes, rename)
+    own = model.state_dict()
+    # same shape and bytes, another kind of number (an F32 tensor relabelled I32): copying would load garbage
+    swapped = sorted(f"{k} (file {v.dtype}, model {own[k].dtype})" for k, v in state.items()
+                     if k in own and v.dtype.is_floating_point != own[k].dtype.is_floating_point)
+    if swapped:
+        raise WeightsMismatchError(f"{path}: wrong dtype: {', '.join(swapped[:4])}{' …' if len(swapped) > 4 else ''}")
+    model.load_state_dict(state, strict=True)
 
 
 def _load_format1(cls, directory: Path, saved: dict, map_location) -> MedClipModel:

@@ -348,8 +348,12 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
         run_folder.check_resume_state(run_dir, start_path, saved_state, cfg, manifest_sha256)
     processor = prepare_processor(cfg, run_dir, train_records, start_path)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
-                                     vocab_size=processor.vocab_size)
+    try:
+        model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                         vocab_size=processor.vocab_size)
+    except TypeError as exc:  # an unknown or mistyped keyword reaches timm or transformers as a TypeError
+        raise RunSetupError(f"the model cannot be built from the configuration ({exc}): check "
+                            "model.image_encoder.kwargs and model.text_encoder.config") from None
     if tcfg.init_from and start_path is None:
         init_from_model(model, tcfg.init_from)
     objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
