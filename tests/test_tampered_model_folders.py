@@ -210,3 +210,22 @@ def test_a_tampered_processor_tokenizer_or_dtype_is_one_line_before_any_allocati
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "gradcam"])
+def test_non_finite_embeddings_are_refused_not_scored(command, eval_model, eval_data, eval_prompts, tmp_path, capsys):
+    """W9 (issue 25): NaN weights gave NaN embeddings; zeroshot exited 0 ("no labelled rows") and gradcam printed
+    "similarity +nan". Non-finite embeddings are refused where they are computed, in one line."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(eval_model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["image_proj.weight"][0, 0] = float("nan")
+    weights["text_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"))
+    argv = {"zeroshot": ["--manifest", str(eval_data), "--prompts", str(eval_prompts)],
+            "gradcam": ["--manifest", str(eval_data), "--prompts", str(eval_prompts)]}[command]
+    assert main([command, "--checkpoint", str(folder), *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite" in err and "embeddings" in err, err
