@@ -11,6 +11,7 @@ original image). Any other column (e.g. the synthetic set's ``pair_noise``) is k
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -147,6 +148,17 @@ def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, wher
     )
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, a byte-order mark dropped); another encoding is named with its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the manifest as "
+                            "UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file") from None
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read a CSV or JSONL manifest (UTF-8, with or without a byte-order mark). Relative image paths
     resolve against the manifest's folder.
@@ -159,25 +171,30 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     base_dir = path.resolve().parent
+    text = _read_utf8(path)
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(load_json(line))
-                    except ValueError as exc:
-                        problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                        raise ManifestError(f"{path}, line {number}: not valid JSON ({problem})") from None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = load_json(line)
+                except ValueError as exc:
+                    problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise ManifestError(f"{path}, line {number}: not valid JSON ({problem})") from None
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{path}, line {number}: a record must be a JSON object")
+                rows.append(row)
         columns: list[str] = []
         for row in rows:
             columns.extend(k for k in row if k not in columns)
         first_row = 1
     else:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             columns = list(reader.fieldnames or [])
             rows = list(reader)
+        except csv.Error as exc:  # e.g. a cell over the csv module's 128 KB field limit
+            raise ManifestError(f"{path}, line {reader.line_num + 1}: not a readable CSV row ({exc})") from None
         first_row = 2  # row 1 is the header
     if "image_path" not in columns or "split" not in columns:
         raise ManifestError(f"{path}: manifest needs at least the columns record_id, image_path, split")
