@@ -67,6 +67,10 @@ class TextConfig:
     # text tower's own tokenizer, or (towers built from config) a WordPiece tokenizer trained on the train split
     tokenizer: str = ""
     vocab_size: int = 8000  # for the trained WordPiece tokenizer
+    # the trained tokenizer learns a token only from a piece seen this many times in the train reports: names,
+    # record numbers and other identifiers that occur in a few reports stay out of the vocabulary, which is
+    # saved with the model (docs/reliability.md, "Security")
+    min_frequency: int = 5
     sections: tuple[str, ...] = ("findings", "impression")
     max_length: int = 128
     # which end is cut when a text exceeds max_length: "right" keeps the start (findings first),

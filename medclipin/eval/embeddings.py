@@ -182,7 +182,7 @@ class EmbeddingStore:
             dataset = ImageTextDataset(records, self.processor, train=False, cache_dir=self.image_cache,
                                        require_text=False, substitute_unreadable=False)
             for path in dataset.missing:
-                self.rejected[path] = "image file missing"
+                self.rejected[path] = dataset.image_problems.get(path, "image file missing")
             out = torch.full((len(records), dim), float("nan"))
             kept = [i for i, r in enumerate(records) if r.image_path not in dataset.missing]
             if len(kept) != len(dataset):  # duplicated paths etc. cannot happen; a guard for the mapping below

@@ -116,7 +116,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], start:
         return load_tokenizer(str(resolve_model_dir(cfg.train.init_from)))
     with tempfile.TemporaryDirectory(prefix="medclipin-tokenizer-") as staging:
         # loaded back from its files, as a resumed run will load RUN/tokenizer
-        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=staging)
+        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=staging,
+                                  min_frequency=cfg.data.text.min_frequency)
         return load_tokenizer(staging)
 
 
@@ -603,7 +604,9 @@ class RejectLog:
             return
         for path, reason in new:
             self.seen[path] = reason
-            log.warning("skipping unreadable training image %s: %s", path, reason)
+        # the paths (which can hold patient identifiers) and reasons go to the file, not the console
+        log.warning("skipping %d unreadable training image(s), %d so far: listed with the reasons in %s",
+                    len(new), self.count, self.path)
         if self.write:
             import csv
 
