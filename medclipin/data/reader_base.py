@@ -158,3 +158,22 @@ def pixel_limit_reason(width: int, height: int, max_pixels: int | None, frames: 
     return (f"image is {width}×{height}{frames_text} = {_megapixels(count)} megapixels, above the limit of "
             f"{_megapixels(max_pixels)} megapixels (max_pixels={max_pixels}); a genuine image this large "
             "needs a higher max_pixels")
+
+
+# decoded bytes allowed per pixel of max_pixels: an 8-bit RGBA image at the pixel limit; a 16-bit RGBA one
+# just under it (800 MB decoded, then copied while converting) is refused from its header too
+MAX_DECODED_BYTES_PER_PIXEL = 4
+
+
+def decoded_size_reason(width: int, height: int, bytes_per_pixel: int, max_pixels: int | None) -> str | None:
+    """Why an image whose decoded pixels take ``width × height × bytes_per_pixel`` bytes is refused, or None.
+    The pixel limit alone lets through a file with few pixels of many bytes (16-bit RGBA)."""
+    if not max_pixels:
+        return None
+    size = int(width) * int(height) * int(bytes_per_pixel)
+    limit = MAX_DECODED_BYTES_PER_PIXEL * max_pixels
+    if size <= limit:
+        return None
+    return (f"image is {width}×{height} at {bytes_per_pixel} bytes per pixel = {size / 1e6:.0f} MB decoded, above "
+            f"the limit of {limit / 1e6:.0f} MB ({MAX_DECODED_BYTES_PER_PIXEL} bytes per pixel of "
+            f"max_pixels={max_pixels}); a genuine image this large needs a higher max_pixels")
