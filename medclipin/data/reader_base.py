@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medclipin.errors import MedclipinError
+from medclipin.errors import MedclipinError, SettingError
 
 WINDOWS = ("first", "percentile", "none")
 # Percentiles used by window="percentile": robust to burned-in labels and collimator edges.
@@ -141,7 +141,7 @@ def read_head(path: str | os.PathLike, size: int = SNIFF_BYTES) -> bytes:
 def check_max_pixels(max_pixels: int | None) -> None:
     """``max_pixels`` must be a positive int, or ``None``/``0`` for no limit (ValueError otherwise)."""
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
-        raise ValueError(f"max_pixels must be a positive integer, or None/0 for no limit; got {max_pixels!r}")
+        raise SettingError(f"max_pixels must be a positive integer, or None/0 for no limit; got {max_pixels!r}")
 
 
 def _megapixels(count: int) -> str:

@@ -29,6 +29,7 @@ from medclipin.data.reader_base import (
     DEFAULT_MAX_PIXELS, WINDOWS, DecodedImage, ImageMeta, ImageReadError, check_max_pixels, decoded_size_reason,
     percentile_range, pixel_limit_reason, read_head, scale_to_unit,
 )
+from medclipin.errors import SettingError
 
 # The shared image types are defined in reader_base; importing them from here keeps working.
 __all__ = ["read_image", "sniff_format", "DecodedImage", "ImageMeta", "ImageReadError", "WINDOWS",
@@ -244,7 +245,7 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, window: str
         True
     """
     if window not in WINDOWS:
-        raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+        raise SettingError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
     check_max_pixels(max_pixels)
     path = os.fspath(path)
     head = read_head(path)

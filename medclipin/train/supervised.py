@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 
 from medclipin.config import Config, save_config
 from medclipin.data.dataset import ImageTextDataset
-from medclipin.data.manifest import read_manifest
+from medclipin.data.manifest import ManifestError, read_manifest
 from medclipin.data.processor import Processor
 from medclipin.models.encoders import ImageEncoder
 from medclipin.models.weights import resolve_normalization
@@ -95,7 +95,7 @@ def train_supervised(cfg: Config, out_dir: str | os.PathLike, progress: bool = T
     manifest = read_manifest(cfg.data.manifest)
     train_records, test_records = manifest.split("train"), manifest.split("test")
     if not train_records or not test_records:
-        raise ValueError(f"{cfg.data.manifest}: the supervised ceiling needs train and test records")
+        raise ManifestError(f"{cfg.data.manifest}: the supervised ceiling needs train and test records")
     classes = class_names_for(cfg, manifest.records)
     processor = Processor(cfg.data.image, cfg.data.text, tokenizer=None)
 

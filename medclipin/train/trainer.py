@@ -352,12 +352,18 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     try:
         model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
                                          vocab_size=processor.vocab_size)
+        if tcfg.init_from and start_path is None:
+            init_from_model(model, tcfg.init_from)
+        objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
+        if objective.clipin is not None:  # read only after the first step: checked before it
+            objective.clipin.momentum(0, tcfg.steps)
+    except MedclipinError:
+        raise
     except TypeError as exc:  # an unknown or mistyped keyword reaches timm or transformers as a TypeError
         raise RunSetupError(f"the model cannot be built from the configuration ({exc}): check "
                             "model.image_encoder.kwargs and model.text_encoder.config") from None
-    if tcfg.init_from and start_path is None:
-        init_from_model(model, tcfg.init_from)
-    objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
+    except ValueError as exc:  # the towers and the objective check their model.* settings with ValueErrors
+        raise RunSetupError(f"the model cannot be built from the configuration: {exc}") from None
     if cfg.model.clipin.enabled and cfg.model.clipin.sync_batchnorm and dist_info.enabled:
         objective.convert_sync_batchnorm(device)
     objective.to(device)
