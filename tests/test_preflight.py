@@ -105,15 +105,17 @@ def test_a_validate_split_with_no_usable_record_is_refused_before_training(tmp_p
         build_validate_fn(cfg, read_manifest(manifest).split("validate"))
 
 
-def test_box_classes_must_be_prompt_classes():
+def test_box_classes_without_prompts_are_named_before_training(caplog):
     from medclipin.data.manifest import Box, Record
 
     prompts = eval_prompts("synthetic", read_manifest(synthetic_manifest()).label_names)
     record = Record(record_id="r", patient_id="p", study_id="s", image_path="x.png", view="PA", split="test",
                     findings="", impression="", text="", boxes=[Box("Atelectasis", (0, 0, 1, 1))])
-    with pytest.raises(PreflightError, match="box labels Atelectasis are not classes"):
-        preflight.check_box_classes([record], prompts, "m.csv")
-    preflight.check_box_classes([record], None, "m.csv")
+    with caplog.at_level(logging.WARNING, logger="medclipin.train.preflight"):
+        assert preflight.check_box_classes([record], prompts, "m.csv") == ["Atelectasis"]
+    assert "box labels Atelectasis are not classes of the prompt set synthetic" in caplog.text
+    assert "Grad-CAM localisation skips those boxes" in caplog.text
+    assert preflight.check_box_classes([record], None, "m.csv") == []
 
 
 def test_a_run_without_room_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):

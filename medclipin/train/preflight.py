@@ -5,7 +5,7 @@ in one line (:class:`PreflightError`), not minutes or hours later with a traceba
 
 * validation and evaluation prompts against the manifest's ``label:<class>`` columns (:func:`eval_prompts`);
 * the validate split having usable records when validation is on (:func:`check_validation_records`);
-* Grad-CAM boxes naming classes of the prompt set (:func:`check_box_classes`);
+* Grad-CAM boxes naming classes of the prompt set (:func:`check_box_classes`; a warning);
 * the run folder being writable and having room for a checkpoint (:func:`check_run_folder_space`);
 * the tokenizer covering the report text (:func:`check_tokenizer_coverage`; a warning, not a refusal).
 """
@@ -95,16 +95,18 @@ def check_validation_records(records, sections: Sequence[str], cache_dir: str, m
                              f"({reasons}); fix them, or pass --no-validate")
 
 
-def check_box_classes(records, prompts, manifest) -> None:
-    """A box whose class the prompt set lacks cannot be scored by Grad-CAM localisation."""
+def check_box_classes(records, prompts, manifest) -> list[str]:
+    """Box labels the prompt set has no class for: Grad-CAM localisation (``medclipin gradcam``, the demo) skips
+    those boxes, so its pointing-game score would cover fewer findings than the manifest holds. Said in one
+    warning, before training; returns the labels."""
     if prompts is None:
-        return
+        return []
     known = set(prompts.class_names)
     missing = sorted({box.label for record in records for box in record.boxes if box.label not in known})
     if missing:
-        raise PreflightError(f"{manifest}: box labels {_shown(missing)} are not classes of the prompt set "
-                             f"{prompts.path} ({_shown(prompts.class_names)}); add them to the prompt file or "
-                             "remove those boxes")
+        log.warning("%s: box labels %s are not classes of the prompt set %s (%s): Grad-CAM localisation skips "
+                    "those boxes", manifest, _shown(missing), Path(prompts.path).stem, _shown(prompts.class_names))
+    return missing
 
 
 def checkpoint_bytes(objective) -> int:

@@ -35,7 +35,7 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
     failure at the first validation. Returns a flat dict of numbers: ``score``, ``retrieval_i2t_R@K``,
     ``retrieval_t2i_R@K``, ``zeroshot_mean_auc`` (when available).
     """
-    from medclipin.train.preflight import check_validation_records, eval_prompts, label_names_of
+    from medclipin.train.preflight import check_box_classes, check_validation_records, eval_prompts, label_names_of
 
     records = list(records)
     if not records:
@@ -48,6 +48,7 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
     from medclipin.eval.evaluate import retrieval, zero_shot
 
     prompts = eval_prompts(cfg.eval.prompts, label_names_of(records), cfg.data.manifest)
+    check_box_classes(records, prompts, cfg.data.manifest)
 
     def validate(model, processor, step: int) -> dict:
         # a fresh store per call: embeddings are cached by weight fingerprint, which changes every step
