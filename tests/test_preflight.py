@@ -101,7 +101,8 @@ def test_a_validate_split_with_no_usable_record_is_refused_before_training(tmp_p
     manifest = tmp_path / "m.csv"
     write_manifest(manifest, records)
     cfg = tiny_config(f"data.manifest={manifest}")
-    with pytest.raises(PreflightError, match="none of the .* records of the validate split can be used.*image file missing"):
+    with pytest.raises(PreflightError,
+                       match="none of the .* records of the validate split can be used.*image file missing"):
         build_validate_fn(cfg, read_manifest(manifest).split("validate"))
 
 

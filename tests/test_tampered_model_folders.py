@@ -185,7 +185,8 @@ PROCESSOR_CASES = {  # issue 25: B7, W10, W11, W9 (dtype)
                 "image.size is 96, but the model in config.json was built for"),
     "format_version_string": (lambda f: _edit_config(f, lambda c: c.update(format_version="2")), "config.json",
                               "format_version must be a whole number, got '2'"),
-    "dtype_f32_to_i32": (_swap_dtype_f32_to_i32, "model.safetensors", "wrong dtype: image_proj.weight (file torch.int32"),
+    "dtype_f32_to_i32": (_swap_dtype_f32_to_i32, "model.safetensors",
+                         "wrong dtype: image_proj.weight (file torch.int32"),
     "tokenizer_wrong_structure": (_tokenizer_of_wrong_structure, "", "the tokenizer files cannot be loaded"),
     "tokenizer_larger_than_model": (_tokenizer_larger_than_the_model, "", "more than the"),
 }

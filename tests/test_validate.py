@@ -135,7 +135,8 @@ def test_a_manifest_without_patient_ids_says_leakage_cannot_be_checked(tmp_path,
     rows = path.read_text().splitlines()
     column = rows[0].split(",").index("patient_id")
     stripped = tmp_path / "no_patients.csv"
-    stripped.write_text("\n".join(",".join(c for i, c in enumerate(row.split(",")) if i != column) for row in rows) + "\n")
+    kept = [",".join(c for i, c in enumerate(row.split(",")) if i != column) for row in rows]
+    stripped.write_text("\n".join(kept) + "\n")
     assert not validate_manifest(path).warnings
     report = validate_manifest(stripped)
     assert report.ok and len(report.warnings) == 1 and "leakage" in report.warnings[0]

@@ -149,7 +149,8 @@ def normalization(cfg: ImageConfig) -> tuple[tuple[float, ...], tuple[float, ...
     channels = int(cfg.channels)
     for name, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, channels):
-            raise SettingError(f"data.image.{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
+            raise SettingError(f"data.image.{name} has {len(values)} values; expected 1 or {channels} "
+                               "(one per channel)")
     if any(s <= 0 for s in std):
         raise SettingError(f"data.image.std must be > 0, got {std}")
     return (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)

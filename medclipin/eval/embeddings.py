@@ -213,8 +213,8 @@ class EmbeddingStore:
             for start in range(0, len(texts), self.batch_size):
                 tokens = self.processor.texts(list(texts[start:start + self.batch_size]))
                 tokens = {k: v.to(self.device) for k, v in tokens.items()}
-                chunks.append(_finite(self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu(),
-                                      "text"))
+                encoded = self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
+                chunks.append(_finite(encoded, "text"))
             return torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim)
 
         return self._cached(key, compute)
