@@ -150,7 +150,9 @@ def check_tokenizer_coverage(processor, texts: Sequence[str], sample: int = 500)
     chosen = [t for t in list(texts)[::step][:sample] if t.strip()]
     if not chosen:
         return 0.0
-    ids = tokenizer(chosen, add_special_tokens=False, truncation=False)["input_ids"]
+    # the part of each report the model sees
+    ids = tokenizer(chosen, add_special_tokens=False, truncation=True,
+                    max_length=processor.text_cfg.max_length)["input_ids"]
     total = sum(len(row) for row in ids)
     unknown = sum(row.count(unk) for row in ids)
     fraction = unknown / max(total, 1)
