@@ -410,8 +410,8 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
                 manifest_sha256=manifest_sha256, step=step, best=best, final_row=final_row)
 
 
-def _restore(start_path: Path | None, state: dict | None, objective, optimizer, scheduler, scaler, dist_info: DistInfo,
-             seed: int) -> tuple[int, int, int, dict, dict]:
+def _restore(start_path: Path | None, state: dict | None, objective, optimizer, scheduler, scaler,
+             dist_info: DistInfo, seed: int) -> tuple[int, int, int, dict, dict]:
     """Weights, optimiser, schedule, scaler and every RNG stream from a checkpoint (nothing when starting
     fresh). Returns (step, micro-batches consumed, non-finite steps so far, best validation figures, the final
     step's metrics row when this is the final checkpoint)."""
