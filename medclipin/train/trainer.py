@@ -224,12 +224,13 @@ def _resolve_start(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistInfo) -> run_folder.RunLock | None:
-    """Rank 0 takes the run folder (:func:`medclipin.train.run_folder.claim`); every rank raises its refusal."""
-    lock, failure = None, None
+def _main_decides(dist_info: DistInfo, check):
+    """Run ``check`` on rank 0 only; its refusal (a :class:`MedclipinError`) is raised on every rank, so no
+    rank is left waiting at a barrier for one that stopped. Returns what ``check`` returned (rank 0)."""
+    result, failure = None, None
     if dist_info.is_main:
         try:
-            lock = run_folder.claim(run_dir, cfg, resume)
+            result = check()
         except MedclipinError as exc:
             failure = exc
     if dist_info.enabled:
@@ -238,7 +239,12 @@ def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistIn
         failure = shared[0]
     if failure is not None:
         raise failure
-    return lock
+    return result
+
+
+def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistInfo) -> run_folder.RunLock | None:
+    """Rank 0 takes the run folder (:func:`medclipin.train.run_folder.claim`); every rank raises its refusal."""
+    return _main_decides(dist_info, lambda: run_folder.claim(run_dir, cfg, resume))
 
 
 def pretrain(
@@ -380,9 +386,9 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
                                                                 scheduler, scaler, dist_info, tcfg.seed)
     if start_path is None and resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
+    # what the first checkpoint will need, checked before the first step (a full disk fails now, not there)
+    _main_decides(dist_info, lambda: preflight.check_run_folder_space(run_dir, objective))
     if dist_info.is_main:
-        # what the first checkpoint will need, checked before the first step (a full disk fails now, not there)
-        preflight.check_run_folder_space(run_dir, objective)
         sample = train_records[::max(1, len(train_records) // 500)]
         preflight.check_tokenizer_coverage(processor, [record_text(r, cfg.data.text.sections) for r in sample])
         _write_run_files(run_dir, cfg, processor, step)
