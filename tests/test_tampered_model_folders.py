@@ -189,6 +189,8 @@ PROCESSOR_CASES = {  # issue 25: B7, W10, W11, W9 (dtype)
                          "wrong dtype: image_proj.weight (file torch.int32"),
     "tokenizer_wrong_structure": (_tokenizer_of_wrong_structure, "", "the tokenizer files cannot be loaded"),
     "tokenizer_larger_than_model": (_tokenizer_larger_than_the_model, "", "more than the"),
+    "tokenizer_nested_200000_deep": (lambda f: (f / "tokenizer.json").write_text("[" * 200_000 + "]" * 200_000), "",
+                                     "the tokenizer files cannot be loaded"),
 }
 
 
@@ -197,7 +199,8 @@ def test_a_tampered_processor_tokenizer_or_dtype_is_one_line_before_any_allocati
                                                                                    eval_prompts, tmp_path, capsys):
     """B7: processor.json size 200000 made zeroshot/gradcam try to allocate 160 GB; W10: max_pixels 0 switched
     off the bomb guard; W11: channel/size mismatches, a broken or too large tokenizer, format_version "2" were
-    tracebacks or wrong; W9: an F32 tensor relabelled I32 loaded. Each is one line naming the file."""
+    tracebacks or wrong; W8: a tokenizer.json nested 200,000 deep was a RecursionError; W9: an F32 tensor
+    relabelled I32 loaded. Each is one line naming the file."""
     tamper, file_name, expected = PROCESSOR_CASES[case]
     folder = tmp_path / "model"
     shutil.copytree(eval_model, folder)
