@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_yaml
 
 
 class ConfigError(MedclipinError, ValueError):
@@ -66,6 +67,10 @@ class TextConfig:
     # text tower's own tokenizer, or (towers built from config) a WordPiece tokenizer trained on the train split
     tokenizer: str = ""
     vocab_size: int = 8000  # for the trained WordPiece tokenizer
+    # the trained tokenizer learns a token only from a piece seen this many times in the train reports: names,
+    # record numbers and other identifiers that occur in a few reports stay out of the vocabulary, which is
+    # saved with the model (docs/reliability.md, "Security")
+    min_frequency: int = 5
     sections: tuple[str, ...] = ("findings", "impression")
     max_length: int = 128
     # which end is cut when a text exceeds max_length: "right" keeps the start (findings first),
@@ -257,7 +262,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    prompts: str = ""  # prompt YAML for zero-shot (datasets/**/prompts*.yaml)
+    # prompt YAML (or a shipped set's name) for zero-shot validation; its classes must be label:<class> columns of
+    # the manifest. "auto": the shipped set that fits the manifest's classes, else validation by retrieval only
+    prompts: str = ""
     batch_size: int = 64
     gradcam_examples: int = 8
     bootstrap: int = 1000
@@ -291,7 +298,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = load_yaml(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and len(args) == 2 and args[1] is Ellipsis:
             value = [value]  # a scalar where a variable-length tuple is expected: one value (e.g. image.mean: 0.5)
         if not isinstance(value, (list, tuple)):
@@ -377,7 +384,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             last = i == len(parts) - 1
             if last:
                 try:
-                    node[part] = yaml.safe_load(raw) if raw.strip() != "" else ""
+                    node[part] = load_yaml(raw) if raw.strip() != "" else ""
                 except yaml.YAMLError as exc:
                     raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
             else:
@@ -415,7 +422,7 @@ def list_configs() -> list[Path]:
 def _read_yaml_mapping(path: Path) -> dict:
     try:
         with path.open(encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
+            values = load_yaml(handle) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML for a config ({_yaml_problem(exc)})") from None
     if not isinstance(values, dict):

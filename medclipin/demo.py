@@ -22,7 +22,7 @@ from medclipin.eval.embeddings import EmbeddingStore
 from medclipin.eval.evaluate import evaluate
 from medclipin.eval.zeroshot import load_prompts
 from medclipin.eval.report import plot_learning_curves
-from medclipin.train.run_folder import discard as discard_run
+from medclipin.train.run_folder import check_folder as check_run_folder, discard as discard_run
 from medclipin.train.supervised import read_ceiling
 from medclipin.train.trainer import pretrain
 from medclipin.train.validation import build_validate_fn
@@ -50,18 +50,20 @@ def run_demo(out_dir: str | Path, config_path: str | Path | None = None, overrid
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir = out_dir / "run"
-    # a demo is a fresh run (its data folder is what gets reused): the previous demo run goes, anything else stays
-    if discard_run(run_dir):
-        log.warning("removed the previous demo run in %s", run_dir)
+    check_run_folder(run_dir, resume="auto")  # a user's folder in OUT/run is refused before any work
     start = time.perf_counter()
     config_path = config_path or DEMO_CONFIG
     data_dir = Path(data_dir) if data_dir else out_dir / "data"
     kwargs = {"n_patients": patients} if patients else {}
+    # refuses a data folder of the user's (never replaced) before the previous run goes
     manifest_path = generate_synthetic_dataset(data_dir, progress=progress, **kwargs)
     generate_s = time.perf_counter() - start
+    # a demo is a fresh run (its data folder is what gets reused): the previous demo run goes, anything else stays
+    if discard_run(run_dir):
+        log.warning("removed the previous demo run in %s", run_dir)
 
     cfg: Config = load_config(config_path, [f"data.manifest={manifest_path}", *(overrides or [])])
-    if not cfg.eval.prompts:
+    if cfg.eval.prompts in ("", "auto"):  # the demo's data is the synthetic set
         cfg.eval.prompts = SYNTHETIC_PROMPTS
     train_start = time.perf_counter()
     validate_fn = build_validate_fn(cfg, read_manifest(manifest_path).split("validate"))

@@ -8,3 +8,8 @@ in one place (``medclipin.cli.main``), instead of each command catching each kin
 
 class MedclipinError(Exception):
     """A problem with the user's input or settings; its message says which file or field and why."""
+
+
+class SettingError(MedclipinError, ValueError):
+    """A setting (a config key or an argument) has a value it cannot take; the message names it. A ValueError
+    too, so code that caught the ValueError it used to be keeps working."""

@@ -195,3 +195,17 @@ def test_loading_a_rejected_file_names_the_original_reason(tmp_path):
     assert "run `medclipin preprocess" not in str(info.value)
     with pytest.raises(CacheError, match="is not in the image cache"):  # never seen by preprocess
         source.load(str(tmp_path / "src" / "other.png"))
+
+
+def test_a_cache_of_another_dicom_window_is_refused_and_a_smaller_one_is_named(tmp_path, caplog):
+    """Pre-flight (issue 25): a cache holds the pixels of one DICOM window; a config with another would train
+    on other pixels than it says. A cache smaller than data.image.size is enlarged: said once."""
+    import logging
+
+    paths = _pngs(tmp_path / "png", 1)
+    build_cache(paths, tmp_path / "cache", size=16, window="percentile", progress=False)
+    with pytest.raises(CacheError, match=r"built with DICOM window 'percentile' but the config says 'first'"):
+        open_image_source(ImageConfig(size=16), tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="medclipin.data.image_source"):
+        open_image_source(ImageConfig(size=32, window="percentile"), tmp_path / "cache")
+    assert "holds 16 px images, smaller than data.image.size=32" in caplog.text

@@ -83,3 +83,27 @@ def test_yaml_tags_in_configs_overrides_and_prompts_are_one_line_errors_and_neve
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and named in err and "tag" in err, err
     assert not marker.exists() and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.precision=fp8", "train.precision must be auto, fp32, bf16 or fp16"),
+    ("train.image_encoder_lr=-1", "train.image_encoder_lr must be >= 0"),
+    ("model.clipin.momentum_schedule=sometimes", "model.clipin.momentum_schedule must be 'fixed' or 'cosine'"),
+    ("model.text_encoder.pooling=max", "model.text_encoder.pooling must be 'cls' or 'mean'"),
+    ("data.text.sections=[findings, history]", "unknown report section 'history'"),
+    ("data.image.std=[0.5, 0.5]", "data.image.std has 2 values; expected 1 or 1"),
+])
+def test_settings_a_user_gets_wrong_are_one_line_from_pretrain(override, expected, tmp_path, capsys):
+    """Part 2 of issue 25: ValueErrors raised deep in the set-up for a setting the user chose were tracebacks;
+    each is a MedclipinError now (SettingError, or RunSetupError around the model build), before training."""
+    import yaml
+
+    from medclipin.config import config_to_dict
+    from test_train_support import tiny_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config("train.steps=1", clipin=True))))
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet",
+                 "--no-validate", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err

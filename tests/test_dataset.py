@@ -152,3 +152,29 @@ def test_processor_truncation_side_is_its_own(records, tokenizer):
     assert tokenizer.truncation_side == "right"
     with pytest.raises(ValueError, match="truncation_side"):
         Processor(IMAGE, dataclasses.replace(TEXT, truncation_side="middle"), tokenizer)
+
+
+def test_a_device_or_fifo_is_not_called_missing_and_skipped_records_are_named(tmp_path, caplog):
+    """W2 (issue 25): /dev/zero and a FIFO were "image file missing" in pretrain and retrieve, and the start-of-run
+    "skipped 3 of 55 records" named none of them. Named by record id (paths and text can identify patients)."""
+    import logging
+    import os
+
+    from medclipin.config import load_config
+    from medclipin.data.dataset import ImageTextDataset, select_usable
+    from medclipin.data.manifest import Record
+    from medclipin.data.processor import Processor
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    records = [Record(f"r{i}", f"p{i}", f"s{i}", path, "train", findings="normal heart")
+               for i, path in enumerate(["/dev/zero", str(fifo), str(tmp_path / "gone.png")])]
+    usable = select_usable(records, ("findings",))
+    assert usable.skipped == {"image not a regular file": 2, "image file missing": 1}
+    assert usable.image_problems == {"/dev/zero": "image not a regular file", str(fifo): "image not a regular file",
+                                     str(tmp_path / "gone.png"): "image file missing"}
+    cfg = load_config(None)
+    with caplog.at_level(logging.WARNING, logger="medclipin.data.dataset"):
+        ImageTextDataset(records, Processor(cfg.data.image, cfg.data.text, None), require_text=True)
+    assert "skipped 3 of 3 records" in caplog.text and "record_id r0, r1, r2" in caplog.text
+    assert str(tmp_path) not in caplog.text and "normal heart" not in caplog.text

@@ -335,3 +335,15 @@ def test_gradcam_figure_names_from_manifest_labels_stay_in_the_output_folder(eva
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "m.csv", "prompts.yaml"]
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]
     assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["out"]
+
+
+def test_the_zeroshot_report_says_how_many_records_were_left_out(tmp_path):
+    """W3 (issue 25): zeroshot.md said "records evaluated: 20" while 14 were scored, and never mentioned the 6
+    unreadable ones (only the JSON did)."""
+    from medclipin.eval.report import zeroshot_markdown
+
+    result = {"mean_auc": 0.5, "per_class": {}, "unreadable_images": [{"image_path": f"/x/{i}.png", "reason": "empty"}
+                                                            for i in range(6)]}
+    text = zeroshot_markdown(result, {"n_records": 20}, {"name": "p", "mode": "multilabel", "templates": ["{}"]})
+    assert "records evaluated: 20" in text and "6 of the 20 records were left out" in text
+    assert "/x/0.png" not in text

@@ -93,3 +93,20 @@ def test_other_columns_are_kept_in_extra(tmp_path, suffix):
     assert first.extra == {"pair_noise": "swapped"} and second.extra == {"pair_noise": ""}
     records[0].extra = {}
     assert read_manifest(write_manifest(tmp_path / f"plain{suffix}", records)).records[0].extra == {}
+
+
+def test_a_manifest_in_another_encoding_or_with_a_huge_cell_names_the_line(tmp_path):
+    """W5, W6 (issue 25): a Latin-1 manifest was a raw UnicodeDecodeError, a cell over 128 KB a raw _csv.Error."""
+    header = "record_id,patient_id,image_path,split,findings\n"
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes((header + "a,p1,a.png,train,ok\nb,p2,b.png,train,épanchement\n").encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"latin1.csv, line 3: not UTF-8 \(byte 0xe9\); save the manifest as UTF-8"):
+        read_manifest(latin1)
+    huge = tmp_path / "huge.csv"
+    huge.write_text(header + "a,p1,a.png,train,ok\nb,p2,b.png,train," + "x" * 200_000 + "\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"huge.csv, line 3: not a readable CSV row \(field larger than"):
+        read_manifest(huge)
+    listed = tmp_path / "m.jsonl"
+    listed.write_text('{"record_id": "a", "image_path": "a.png", "split": "train"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(ManifestError, match=r"m.jsonl, line 2: a record must be a JSON object"):
+        read_manifest(listed)

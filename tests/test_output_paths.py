@@ -79,3 +79,14 @@ def test_evaluation_batch_size_must_be_a_positive_whole_number(tmp_path, capsys,
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --batch-size:" in err and ("must be >= 1" in err or "whole number" in err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["retrieve", "--query-text", ""], ["retrieve", "--query-text", "   "],
+                                  ["gradcam", "--image", "x.png", "--text", " "]])
+def test_an_empty_query_is_refused(argv, tmp_path, capsys):
+    """W13 (issue 25): `retrieve --query-text ""` and `gradcam --text ""` exited 0 with "hits"."""
+    with pytest.raises(SystemExit) as refused:
+        main([argv[0], "--checkpoint", str(tmp_path / "m"), "--manifest", str(tmp_path / "m.csv"), *argv[1:],
+              "--out", str(tmp_path / "out")])
+    assert refused.value.code == 2
+    assert "is empty: give a sentence to search for" in capsys.readouterr().err

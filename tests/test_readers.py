@@ -213,3 +213,21 @@ def test_pixel_limit_png_jpeg_dicom_and_off_switch(tmp_path, monkeypatch):
         read_image(dicom, max_pixels=4000)
     monkeypatch.setattr(dicom_module, "pixel_array", real)
     assert read_image(dicom, max_pixels=4096).pixels.shape == (64, 64)
+
+
+def test_decoded_bytes_are_bounded_not_only_pixels(tmp_path, monkeypatch):
+    """W4 (issue 25): a 9990² RGBA 16-bit PNG (776 KB, under the 100 MP limit) cost 7 s and 2 GB per read. The
+    header's bit depth and colour type bound the decoded bytes too (4 bytes per pixel of max_pixels), before
+    any decoder runs; an 8-bit RGBA image at the pixel limit still passes."""
+    import medclipin.data.readers as readers_module
+
+    rgba16 = np.zeros((30, 40, 4), np.uint16)
+    cv2.imwrite(str(tmp_path / "rgba16.png"), rgba16)
+    cv2.imwrite(str(tmp_path / "rgba8.png"), rgba16.astype(np.uint8))
+    monkeypatch.setattr(readers_module, "_decode_raster", lambda *a: pytest.fail("decoded despite the limit"))
+    with pytest.raises(ImageReadError, match=r"rgba16.png: image is 40×30 at 8 bytes per pixel = 0 MB decoded, "
+                                             r"above the limit of 0 MB \(4 bytes per pixel of max_pixels=1200\)"):
+        read_image(tmp_path / "rgba16.png", max_pixels=1200)
+    monkeypatch.undo()
+    assert read_image(tmp_path / "rgba8.png", max_pixels=1200).pixels.shape[:2] == (30, 40)
+    assert read_image(tmp_path / "rgba16.png", max_pixels=2400).pixels.shape[:2] == (30, 40)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,3 +256,59 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
     for out in (tmp_path / "a-file", tmp_path / "a-file" / "run", _read_only_dir(tmp_path)):
         assert pretrain_cli(config, out) == 2
         assert str(out) in one_line_error(capsys)
+
+
+def test_resume_refuses_a_manifest_edited_in_place(tmp_path, capsys):
+    """B4 (issue 25): the manifest's path was all a resume compared; a manifest edited in place (rows deleted,
+    reports changed) was read silently and the losses diverged. Its SHA-256 travels in every checkpoint."""
+    from medclipin.data.manifest import read_manifest, write_manifest
+
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(manifest, read_manifest(synthetic_manifest()).records)
+    cfg = tiny_config(f"data.manifest={manifest}", "train.steps=4", "train.checkpoint_every=2", clipin=False)
+    run = tmp_path / "run"
+    pretrain(cfg, run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if killed after step 2's checkpoint
+    kept = manifest.read_bytes().splitlines(keepends=True)
+    manifest.write_bytes(b"".join(kept[:-3]))  # three rows deleted, same path
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ResumeConfigError, match=r"manifest.csv: changed since this run's checkpoint step_00000002"):
+        pretrain(cfg, run, resume="auto", progress=False)
+    assert sorted(p.name for p in run.iterdir()) == before
+    config = config_file(tmp_path, cfg)
+    assert pretrain_cli(config, run, "--resume", "auto") == 2
+    assert "Restore the manifest" in one_line_error(capsys)
+    manifest.write_bytes(b"".join(kept))  # restored: the run continues
+    assert pretrain(cfg, run, resume="auto", progress=False).steps == 4
+    # a checkpoint continued in a new folder may read another manifest
+    manifest.write_bytes(b"".join(kept[:-3]))
+    assert pretrain(cfg, tmp_path / "new", resume=str(run / "checkpoints" / "step_00000002"), progress=False).steps == 4
+
+
+def test_resume_after_config_yaml_was_deleted_still_refuses_changed_math(tmp_path):
+    """W1 (issue 25): with RUN/config.yaml deleted, a resume took a changed train.lr, wrote it into a new
+    config.yaml and trained with the checkpoint's. The checkpoint keeps the configuration too."""
+    cfg = tiny_config("train.steps=4", "train.checkpoint_every=2", clipin=False)
+    run = tmp_path / "run"
+    pretrain(cfg, run, progress=False)
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "config.yaml").unlink()
+    changed = tiny_config("train.steps=4", "train.checkpoint_every=2", "train.lr=2e-3", clipin=False)
+    with pytest.raises(ResumeConfigError, match=r"step_00000002: resuming would change the run's math \(train.lr: "
+                                                r"0.001 -> 0.002\)"):
+        pretrain(changed, run, resume="auto", progress=False)
+    assert not (run / "config.yaml").exists()
+    assert pretrain(tiny_config("train.steps=4", "train.checkpoint_every=2", "train.log_every=3", clipin=False), run,
+                    resume="auto", progress=False).steps == 4
+
+
+def test_the_demo_never_replaces_a_users_data_folder(tmp_path, capsys):
+    """B6 (issue 25): `demo --out D` deleted the user's D/data/manifest.csv (only D/run was protected)."""
+    data = tmp_path / "demo" / "data"
+    data.mkdir(parents=True)
+    (data / "manifest.csv").write_text("record_id,image_path\nmine,x.png\n")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--patients", "20", "--quiet"]) == 2
+    assert "not empty and not a synthetic dataset (manifest.csv)" in one_line_error(capsys)
+    assert [p.name for p in data.iterdir()] == ["manifest.csv"]
+    assert (data / "manifest.csv").read_text() == "record_id,image_path\nmine,x.png\n"
+    assert not (tmp_path / "demo" / "run").exists()

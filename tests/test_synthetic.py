@@ -393,3 +393,28 @@ def test_cli_pair_noise_options(tmp_path, capsys):
     assert any(r.extra["pair_noise"] for r in records) and any(r.extra["report_template"] for r in records)
     for rec in records:
         assert rec.findings not in printed and rec.patient_id not in printed
+
+
+def test_synth_never_replaces_a_users_files(tmp_path, capsys):
+    """B5 (issue 25): `synth --out d` over a folder with the user's manifest.csv, labels.csv and a PNG replaced
+    them all and exited 0. A folder that holds neither a synthetic dataset nor an interrupted generation is
+    refused in one line naming what is there; an interrupted generation (its start marker) is redone."""
+    from medclipin.cli import main
+
+    folder = tmp_path / "d"
+    (folder / "png").mkdir(parents=True)
+    mine = {"manifest.csv": b"record_id,image_path\nmine,x.png\n", "labels.csv": b"study_id,x\n1,1\n",
+            "png/SYN00001_01.png": b"the user's image"}
+    for name, data in mine.items():
+        (folder / name).write_bytes(data)
+    assert main(["synth", "--out", str(folder), "--patients", "2", "--size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "not empty and not a synthetic dataset (labels.csv, manifest.csv, png/)" in err
+    assert {name: (folder / name).read_bytes() for name in mine} == mine
+    assert sorted(p.name for p in folder.iterdir()) == ["labels.csv", "manifest.csv", "png"]
+    # an interrupted generation is this generator's own: redone
+    done = generate_synthetic_dataset(tmp_path / "e", n_patients=2, image_size=64)
+    (tmp_path / "e" / "synthetic.json").unlink()
+    assert (tmp_path / "e" / ".medclipin-synthetic").is_file()
+    assert generate_synthetic_dataset(tmp_path / "e", n_patients=2, image_size=64) == done
+    assert (tmp_path / "e" / "synthetic.json").is_file()

@@ -147,3 +147,89 @@ def test_a_tampered_checkpoint_is_one_line_on_resume(tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and name in err, err
+
+
+def _edit_processor(folder: Path, section: str, **changes) -> None:
+    values = json.loads((folder / "processor.json").read_text())
+    values[section].update(changes)
+    (folder / "processor.json").write_text(json.dumps(values))
+
+
+def _swap_dtype_f32_to_i32(folder: Path) -> None:
+    header, body = _header(folder)
+    header["image_proj.weight"]["dtype"] = "I32"  # same bytes, another kind of number
+    _write_header(folder, header, body)
+
+
+def _tokenizer_of_wrong_structure(folder: Path) -> None:
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"] = {"type": "WordPiece"}  # no vocabulary
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def _tokenizer_larger_than_the_model(folder: Path) -> None:
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(50)})
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+PROCESSOR_CASES = {  # issue 25: B7, W10, W11, W9 (dtype)
+    "image_size_200000": (lambda f: _edit_processor(f, "image", size=200_000), "processor.json",
+                          "image.size 200000 is outside 16..4096"),
+    "max_pixels_0": (lambda f: _edit_processor(f, "image", max_pixels=0), "processor.json",
+                     "image.max_pixels 0 would switch off the limit"),
+    "channels_3": (lambda f: _edit_processor(f, "image", channels=3), "processor.json",
+                   "image.channels is 3, but the model in config.json was built for 1"),
+    "size_96": (lambda f: _edit_processor(f, "image", size=96), "processor.json",
+                "image.size is 96, but the model in config.json was built for"),
+    "format_version_string": (lambda f: _edit_config(f, lambda c: c.update(format_version="2")), "config.json",
+                              "format_version must be a whole number, got '2'"),
+    "dtype_f32_to_i32": (_swap_dtype_f32_to_i32, "model.safetensors",
+                         "wrong dtype: image_proj.weight (file torch.int32"),
+    "tokenizer_wrong_structure": (_tokenizer_of_wrong_structure, "", "the tokenizer files cannot be loaded"),
+    "tokenizer_larger_than_model": (_tokenizer_larger_than_the_model, "", "more than the"),
+    "tokenizer_nested_200000_deep": (lambda f: (f / "tokenizer.json").write_text("[" * 200_000 + "]" * 200_000), "",
+                                     "the tokenizer files cannot be loaded"),
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESSOR_CASES))
+def test_a_tampered_processor_tokenizer_or_dtype_is_one_line_before_any_allocation(case, eval_model, eval_data,
+                                                                                   eval_prompts, tmp_path, capsys):
+    """B7: processor.json size 200000 made zeroshot/gradcam try to allocate 160 GB; W10: max_pixels 0 switched
+    off the bomb guard; W11: channel/size mismatches, a broken or too large tokenizer, format_version "2" were
+    tracebacks or wrong; W8: a tokenizer.json nested 200,000 deep was a RecursionError; W9: an F32 tensor
+    relabelled I32 loaded. Each is one line naming the file."""
+    tamper, file_name, expected = PROCESSOR_CASES[case]
+    folder = tmp_path / "model"
+    shutil.copytree(eval_model, folder)
+    tamper(folder)
+    with pytest.raises(medclipin.errors.MedclipinError) as refused:
+        medclipin.load(folder)
+    message = str(refused.value)
+    assert message.startswith(str(folder / file_name)) and expected in message and "\n" not in message, message
+    argv = ["zeroshot", "--checkpoint", str(folder), "--manifest", str(eval_data), "--prompts", str(eval_prompts),
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("command", ["zeroshot", "gradcam"])
+def test_non_finite_embeddings_are_refused_not_scored(command, eval_model, eval_data, eval_prompts, tmp_path, capsys):
+    """W9 (issue 25): NaN weights gave NaN embeddings; zeroshot exited 0 ("no labelled rows") and gradcam printed
+    "similarity +nan". Non-finite embeddings are refused where they are computed, in one line."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(eval_model, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["image_proj.weight"][0, 0] = float("nan")
+    weights["text_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(folder / "model.safetensors"))
+    argv = {"zeroshot": ["--manifest", str(eval_data), "--prompts", str(eval_prompts)],
+            "gradcam": ["--manifest", str(eval_data), "--prompts", str(eval_prompts)]}[command]
+    assert main([command, "--checkpoint", str(folder), *argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite" in err and "embeddings" in err, err

@@ -152,3 +152,19 @@ def test_the_vocabulary_is_textbook_wordpiece_training(vocab_size):
     learned = learn_wordpiece_vocab(counts, vocab_size, min_frequency=2, specials=["[UNK]"])
     assert list(learned) == _textbook_wordpiece(dict(counts), vocab_size, 2)
     assert list(learned.values()) == list(range(len(learned)))
+
+
+def test_rare_words_such_as_names_and_ids_stay_out_of_the_trained_vocabulary(tmp_path):
+    """W12 (issue 25): the run's tokenizer (saved with the model) held 'john', 'testpatient', 'mrn', '123456'
+    from report text. By default (data.text.min_frequency=5) a word seen in a few reports is not learned."""
+    from medclipin.config import load_config
+    from medclipin.data.tokenizer import train_wordpiece_tokenizer
+
+    reports = ["the heart size is normal and the lungs are clear"] * 40
+    reports += ["patient johnsmith mrn 987654 small left effusion"] * 2
+    default = load_config(None).data.text.min_frequency
+    assert default >= 3
+    vocab = train_wordpiece_tokenizer(reports, vocab_size=400, min_frequency=default).get_vocab()
+    assert "heart" in vocab and "johnsmith" not in vocab and "987654" not in vocab
+    vocab = train_wordpiece_tokenizer(reports, vocab_size=400, min_frequency=1).get_vocab()
+    assert "johnsmith" in vocab and "987654" in vocab  # what the old default let in

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +443,60 @@ def test_gradient_monitor_logs_each_terms_pull_on_the_trunks(tmp_path):
     for trunk in ("image", "text"):
         assert float(detached[2][f"gnorm_{trunk}_clip"]) > 0
         assert float(detached[2][f"gnorm_{trunk}_inter"]) == 0 and float(detached[2][f"gnorm_{trunk}_intra"]) == 0
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL or Ctrl-C at one point of the run: nothing after it runs."""
+
+
+def _kill_in_save(monkeypatch, name: str):
+    real = MedClipModel.save_pretrained
+
+    def save(self, directory, processor=None):
+        if Path(directory).name == name:
+            raise _Killed(name)
+        return real(self, directory, processor=processor)
+
+    monkeypatch.setattr(MedClipModel, "save_pretrained", save)
+
+
+@pytest.mark.parametrize("where", ["final validation", "final model write", "final best save"])
+def test_a_kill_after_the_final_checkpoint_is_completed_by_the_resume(tmp_path, monkeypatch, where):
+    """B1-B3 (issue 25): a kill during the final validation, the final model write or the final RUN/best save
+    used to leave a run that `--resume auto` called finished without its last metrics row, RUN/model or
+    RUN/best. The resume completes each, once, with the uninterrupted run's numbers."""
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=5", "train.log_every=5", clipin=False)
+
+    def validate(model, processor, step):
+        return {"score": 0.5, "retrieval_i2t_R@10": 0.25}
+
+    validate.columns = ["score", "retrieval_i2t_R@10"]
+    reference = pretrain(cfg, tmp_path / "reference", progress=False, validate_fn=validate)
+    run = tmp_path / "run"
+
+    def crash(model, processor, step):
+        raise _Killed("validation")
+
+    with monkeypatch.context() as patch:
+        if where == "final model write":
+            _kill_in_save(patch, "model")
+        elif where == "final best save":
+            _kill_in_save(patch, "best")
+        with pytest.raises(_Killed):
+            pretrain(cfg, run, progress=False, validate_fn=crash if where == "final validation" else validate)
+    assert not (run / "metrics.csv").exists() or [r["step"] for r in read_metrics(run)] != ["2"]
+
+    result = pretrain(cfg, run, resume="auto", progress=False, validate_fn=validate)
+    assert result.steps == 2 and result.best == reference.best == {"step": 2, "score": 0.5, "retrieval_i2t_R@10": 0.25}
+    for folder in ("model", "best"):
+        saved = MedClipModel.from_pretrained(run / folder).state_dict()
+        for name, tensor in MedClipModel.from_pretrained(tmp_path / "reference" / folder).state_dict().items():
+            assert torch.equal(saved[name], tensor), (folder, name)
+    rows, expected = read_metrics(run), read_metrics(tmp_path / "reference")
+    assert [r["step"] for r in rows] == ["2"] and rows[0]["val_score"] == "0.5"
+    for key in ("loss", "lr", "grad_norm", "val_retrieval_i2t_R@10"):
+        assert rows[0][key] == expected[0][key], key
+    assert [json.loads(line)["step"] for line in (run / "validation.jsonl").read_text().splitlines()] == [2]
+    # done once: a further resume changes nothing
+    again = pretrain(cfg, run, resume="auto", progress=False, validate_fn=validate)
+    assert again.best == result.best and [r["step"] for r in read_metrics(run)] == ["2"]

@@ -126,3 +126,19 @@ def test_header_only_manifest_is_not_ok(tmp_path, capsys):
     assert not report.ok and report.records == 0 and "no records" in " ".join(report.failures)
     assert validate_main([str(tmp_path / "empty.csv")]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_a_manifest_without_patient_ids_says_leakage_cannot_be_checked(tmp_path, capsys):
+    """W7 (issue 25): without a patient_id column every record is its own patient and `validate` said OK
+    with leakage silently unchecked."""
+    path = write_manifest(tmp_path / "m.csv", _records(tmp_path))
+    rows = path.read_text().splitlines()
+    column = rows[0].split(",").index("patient_id")
+    stripped = tmp_path / "no_patients.csv"
+    kept = [",".join(c for i, c in enumerate(row.split(",")) if i != column) for row in rows]
+    stripped.write_text("\n".join(kept) + "\n")
+    assert not validate_manifest(path).warnings
+    report = validate_manifest(stripped)
+    assert report.ok and len(report.warnings) == 1 and "leakage" in report.warnings[0]
+    assert validate_main([str(stripped)]) == 0
+    assert "warning: no patient_id: every record counts as its own patient" in capsys.readouterr().out

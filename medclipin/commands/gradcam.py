@@ -25,12 +25,12 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.commands.session import add_model_arguments, non_negative_int, positive_int
+    from medclipin.commands.session import add_model_arguments, non_negative_int, positive_int, query_text
 
     add_model_arguments(parser, manifest_required=False)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--image", default=None, help="single mode: an image file (DICOM/PNG/JPEG)")
-    parser.add_argument("--text", default=None, help="single mode: the finding or sentence to explain")
+    parser.add_argument("--text", default=None, type=query_text, help="single mode: the finding or sentence to explain")
     parser.add_argument("--contrast", default=None,
                         help='single mode: explain --text rather than this text, e.g. --text "pleural effusion" '
                              '--contrast "no pleural effusion" (what makes the model prefer one over the other)')

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def add_arguments(parser) -> None:
-    from medclipin.commands.session import add_model_arguments, add_test_manifest_argument, positive_int
+    from medclipin.commands.session import add_model_arguments, add_test_manifest_argument, positive_int, query_text
 
     add_model_arguments(parser)
     add_test_manifest_argument(parser)
@@ -31,7 +31,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-size", type=positive_int, default=512, help="queries per similarity chunk (default 512)")
     query = parser.add_mutually_exclusive_group()
     query.add_argument("--query-image", default=None, help="an image file: list the top-k reports for it")
-    query.add_argument("--query-text", default=None, help="a sentence: list the top-k images for it")
+    query.add_argument("--query-text", default=None, type=query_text, help="a sentence: list the top-k images for it")
     parser.add_argument("--top-k", type=positive_int, default=5, help="results per query (default 5)")
     parser.add_argument("--show-text", action="store_true", help="print the report text of the hits (off by default)")
     parser.add_argument("--show-ids", action="store_true",

@@ -56,6 +56,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def query_text(text: str) -> str:
+    """argparse type: a query sentence with words in it (an empty one scores every image alike and would
+    still list "hits")."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a sentence to search for")
+    return text
+
+
 def _whole_number(text: str) -> int:
     try:
         return int(text)

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--sections", nargs="+", default=["findings", "impression"],
                        choices=("findings", "impression", "text"),
                        help="record sections joined into the training text (falls back to `text`)")
-    train.add_argument("--min-frequency", type=int, default=2)
+    train.add_argument("--min-frequency", type=int, default=5,
+                       help="learn a token only from a piece seen this many times (default 5): rare words such as "
+                            "names and record numbers stay out of the vocabulary")
     train.add_argument("--cased", action="store_true", help="keep case (default: lower-case)")
     train.add_argument("--model-max-length", type=int, default=512)
 

@@ -62,6 +62,8 @@ def print_report(report: ValidationReport, stream=None) -> None:
         print(f"  bad files ({len(report.bad_files)}):", file=stream)
         for entry in report.bad_files:  # paths, never report text or patient identifiers from the manifest
             print(f"    {entry['path']}: {entry['reason']}", file=stream)
+    for warning in report.warnings:
+        print(f"  warning: {warning}", file=stream)
     print("OK" if report.ok else "FAILED: " + "; ".join(report.failures), file=stream)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -51,12 +51,15 @@ def unreadable_errors() -> tuple[type[BaseException], ...]:
 
 @dataclass
 class UsableRecords:
-    """The records a dataset can use, their texts, and what was skipped (reason → count; missing image paths)."""
+    """The records a dataset can use, their texts, and what was skipped: reason → count, the image paths that
+    cannot be used (``missing``, with each one's reason in ``image_problems``) and the record ids skipped."""
 
     records: list[Record]
     texts: list[str]
     skipped: Counter
     missing: list[str]
+    image_problems: dict[str, str] = field(default_factory=dict)
+    skipped_ids: list[str] = field(default_factory=list)
 
 
 def select_usable(records: Sequence[Record], sections: Sequence[str], cache_dir: str = "",
@@ -65,18 +68,23 @@ def select_usable(records: Sequence[Record], sections: Sequence[str], cache_dir:
     checked with a decode-once cache, which knows its files). The trainer counts them before it writes anything."""
     from medclipin.data.reports import record_text
 
-    kept, texts, skipped, missing = [], [], Counter(), []
+    kept, texts, skipped, missing, problems, skipped_ids = [], [], Counter(), [], {}, []
     for record in records:
         text = record_text(record, tuple(sections))
         if require_text and not text.strip():
             skipped["empty report text"] += 1
+            skipped_ids.append(record.record_id)
         elif not cache_dir and not os.path.isfile(record.image_path):
-            skipped["image file missing"] += 1
+            # a device (/dev/zero), a FIFO or a folder exists but is no image file: not "missing"
+            reason = "image not a regular file" if os.path.lexists(record.image_path) else "image file missing"
+            skipped[reason] += 1
+            skipped_ids.append(record.record_id)
             missing.append(record.image_path)
+            problems[record.image_path] = reason
         else:
             kept.append(record)
             texts.append(text)
-    return UsableRecords(kept, texts, skipped, missing)
+    return UsableRecords(kept, texts, skipped, missing, problems, skipped_ids)
 
 
 class ImageTextDataset(Dataset):
@@ -116,9 +124,14 @@ class ImageTextDataset(Dataset):
         self.records, self.texts = usable.records, usable.texts
         self.skipped: Counter[str] = usable.skipped
         self.missing: list[str] = usable.missing
+        self.image_problems: dict[str, str] = usable.image_problems
         if self.skipped:
-            log.warning("skipped %d of %d records: %s", sum(self.skipped.values()), len(records),
-                        ", ".join(f"{n} {why}" for why, n in self.skipped.items()))
+            # named by record id, not by path or text (paths and reports can hold patient identifiers)
+            ids = usable.skipped_ids
+            shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+            log.warning("skipped %d of %d records: %s (record_id %s; medclipin validate --all names every bad "
+                        "file)", sum(self.skipped.values()), len(records),
+                        ", ".join(f"{n} {why}" for why, n in self.skipped.items()), shown)
         self.source = processor.image_source(cache_dir)
         self.transform = processor.image_transform(train=train)
         self._unreadable: dict[int, str] = {}  # per process: indices known to fail, and why

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from medclipin.errors import SettingError
+
 DOMAINS = ("cxr", "fundus")
 # Field-of-view detection works on a small copy: the border/retina contrast is a low-frequency feature.
 _FOV_WORK_SIZE = 256
@@ -131,7 +133,7 @@ def normalize_geometry(image: np.ndarray, domain: str, size: int) -> tuple[np.nd
         (image of the same dtype, GeometryInfo mapping original → output coordinates)
     """
     if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+        raise SettingError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
     height, width = image.shape[:2]
     crop = (0, 0, width, height)
     if domain == "fundus":

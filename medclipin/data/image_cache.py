@@ -30,6 +30,7 @@ from medclipin.atomic import atomic_open
 from medclipin.data.geometry import GeometryInfo
 from medclipin.data.reader_base import ImageReadError
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_json
 
 CACHE_FORMAT = "medclipin-image-cache"
 CACHE_VERSION = 1
@@ -47,13 +48,21 @@ def cache_key(path: str | os.PathLike) -> str:
     return os.path.normpath(os.path.abspath(os.fspath(path)))
 
 
+def _read_json(path: Path):
+    try:
+        return load_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CacheError(f"{path}: cannot be read ({exc}); rebuild the cache with `medclipin preprocess`") from None
+
+
 def read_cache_meta(cache_dir: str | os.PathLike) -> dict:
     """The cache's ``cache.json``; :class:`CacheError` when the folder is not a cache."""
     meta_path = Path(cache_dir) / "cache.json"
     if not meta_path.is_file():
         raise CacheError(f"{cache_dir} is not an image cache (no cache.json); build it with "
                          f"`medclipin preprocess --manifest MANIFEST --size 512 --out {cache_dir}`")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta = _read_json(meta_path)
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
         raise CacheError(f"{cache_dir}: unsupported cache format/version {meta.get('format')}/{meta.get('version')}; "
                          "rebuild it with `medclipin preprocess`")
@@ -65,8 +74,8 @@ def read_cache_index(cache_dir: str | os.PathLike) -> dict[str, list]:
     index_path = Path(cache_dir) / "index.json"
     if not index_path.is_file():
         return {}
-    payload = json.loads(index_path.read_text(encoding="utf-8"))
-    if tuple(payload.get("fields", ())) != INDEX_FIELDS:
+    payload = _read_json(index_path)
+    if not isinstance(payload, dict) or tuple(payload.get("fields", ())) != INDEX_FIELDS:
         raise CacheError(f"{index_path}: unexpected index fields; rebuild the cache with `medclipin preprocess`")
     return payload["entries"]
 

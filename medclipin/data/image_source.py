@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,7 @@ from medclipin.data.readers import read_image
 if TYPE_CHECKING:  # the config composes the data layer's settings; the data layer does not need it at run time
     from medclipin.config import ImageConfig
 
+log = logging.getLogger(__name__)
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -91,6 +93,16 @@ class ImageSource:
             if built_for != cfg.domain:
                 raise CacheError(f"{self.cache_dir} was built for domain {built_for!r} but the config "
                                  f"says {cfg.domain!r}; run `medclipin preprocess --domain {cfg.domain}` into another folder")
+            # the DICOM window decides the stored pixels: another one would train on other pixels than configured
+            window = self._cache.meta.get("window", cfg.window)
+            if window != cfg.window:
+                raise CacheError(f"{self.cache_dir} was built with DICOM window {window!r} but the config says "
+                                 f"{cfg.window!r} (data.image.window); run `medclipin preprocess --window "
+                                 f"{cfg.window}` into another folder, or set data.image.window={window}")
+            size = self._cache.meta.get("size")
+            if isinstance(size, int) and size < cfg.size:
+                log.warning("%s holds %d px images, smaller than data.image.size=%d: they are enlarged, with no "
+                            "more detail than the cache kept", self.cache_dir, size, cfg.size)
 
     def load_with_geometry(self, path: str) -> tuple[np.ndarray, GeometryInfo]:
         """Like :meth:`load`, plus the mapping from original pixel coordinates to the returned image."""

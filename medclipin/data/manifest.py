@@ -12,6 +12,7 @@ record comes from) feed subgroup evaluation; they are written only when some rec
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Iterable, Sequence
 
 from medclipin.atomic import atomic_open
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_json
 
 LABEL_PREFIX = "label:"
 SPLITS = ("train", "validate", "test")
@@ -110,7 +112,7 @@ def _parse_boxes(value: str | list | None, where: str) -> list[Box]:
     if value in (None, ""):
         return []
     try:
-        items = json.loads(value) if isinstance(value, str) else value
+        items = load_json(value) if isinstance(value, str) else value
         return [Box(str(item["label"]), tuple(float(v) for v in item["box"])) for item in items]
     except (ValueError, KeyError, TypeError) as exc:
         raise ManifestError(
@@ -153,6 +155,17 @@ def _record_from_row(row: dict, label_names: Sequence[str], base_dir: Path, wher
     )
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, a byte-order mark dropped); another encoding is named with its line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the manifest as "
+                            "UTF-8, e.g. `iconv -f latin1 -t utf-8 OLD > NEW` for a Latin-1 file") from None
+
+
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read a CSV or JSONL manifest (UTF-8, with or without a byte-order mark). Relative image paths
     resolve against the manifest's folder.
@@ -165,24 +178,30 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     if not path.is_file():
         raise ManifestError(f"{path}: manifest file not found")
     base_dir = path.resolve().parent
+    text = _read_utf8(path)
     if path.suffix == ".jsonl":
         rows = []
-        with path.open(encoding="utf-8-sig") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise ManifestError(f"{path}, line {number}: not valid JSON ({exc.msg})") from exc
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = load_json(line)
+                except ValueError as exc:
+                    problem = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise ManifestError(f"{path}, line {number}: not valid JSON ({problem})") from None
+                if not isinstance(row, dict):
+                    raise ManifestError(f"{path}, line {number}: a record must be a JSON object")
+                rows.append(row)
         columns: list[str] = []
         for row in rows:
             columns.extend(k for k in row if k not in columns)
         first_row = 1
     else:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
             columns = list(reader.fieldnames or [])
             rows = list(reader)
+        except csv.Error as exc:  # e.g. a cell over the csv module's 128 KB field limit
+            raise ManifestError(f"{path}, line {reader.line_num + 1}: not a readable CSV row ({exc})") from None
         first_row = 2  # row 1 is the header
     if "image_path" not in columns or "split" not in columns:
         raise ManifestError(f"{path}: manifest needs at least the columns record_id, image_path, split")

@@ -29,6 +29,7 @@ from medclipin.data.geometry import DOMAINS
 from medclipin.data.image_cache import CacheWriter, cache_key
 from medclipin.data.image_source import default_channels, prepare_image
 from medclipin.data.reader_base import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels
+from medclipin.errors import SettingError
 
 
 @dataclass
@@ -155,7 +156,7 @@ def build_cache(
     from tqdm import tqdm
 
     if domain not in DOMAINS:
-        raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+        raise SettingError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
     check_max_pixels(max_pixels)
     channels = channels or default_channels(domain)
     writer = CacheWriter(out_dir, {"size": int(size), "channels": int(channels), "domain": domain, "window": window},

@@ -30,6 +30,7 @@ import torch
 
 from medclipin.config import ImageConfig, TextConfig, _build, config_to_dict
 from medclipin.errors import MedclipinError
+from medclipin.safe_parse import load_json
 
 PROCESSOR_NAME = "processor.json"
 PROCESSOR_FORMAT = 1
@@ -174,11 +175,14 @@ class Processor:
 
     @classmethod
     def from_dict(cls, values: dict, tokenizer, where: str = "processor") -> "Processor":
+        """A processor from saved settings, checked against :func:`check_saved_settings`'s bounds (a model folder
+        may come from anywhere: its ``processor.json`` must not allocate 160 GB or switch the bomb guard off)."""
         try:
             image = _build(ImageConfig, dict(values.get("image") or {}), "image.")
             text = _build(TextConfig, dict(values.get("text") or {}), "text.")
         except MedclipinError as exc:
             raise ProcessorError(f"{where}: {exc}") from None
+        check_saved_settings(image, text, where)
         return cls(image, text, tokenizer)
 
     @classmethod
@@ -191,13 +195,76 @@ class Processor:
         if not path.is_file():
             raise ProcessorError(f"{directory}: no {PROCESSOR_NAME} (not a medclipin model folder)")
         try:
-            values = json.loads(path.read_text(encoding="utf-8"))
+            values = load_json(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ProcessorError(f"{path}: not readable JSON ({exc})") from None
         if not isinstance(values, dict):
             raise ProcessorError(f"{path}: top level must be an object")
-        return cls.from_dict(values, load_tokenizer(str(directory)), where=str(path))
+        try:
+            tokenizer = load_tokenizer(str(directory))
+        except MedclipinError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a tampered tokenizer.json fails inside transformers/tokenizers
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ProcessorError(f"{directory}: the tokenizer files cannot be loaded ({type(exc).__name__}: "
+                                 f"{problem})") from None
+        processor = cls.from_dict(values, tokenizer, where=str(path))
+        check_against_model_config(processor, directory)
+        return processor
 
     def with_text(self, **changes) -> "Processor":
         """A copy with other text settings (e.g. ``max_length``) and the same tokenizer."""
         return Processor(self.image_cfg, replace(self.text_cfg, **changes), self.tokenizer)
+
+
+# bounds of what a saved processor may ask for: no model here is trained above 4096 px, 3 channels or 8192 tokens
+MAX_SAVED_IMAGE_SIZE = 4096
+MAX_SAVED_TEXT_LENGTH = 8192
+
+
+def check_saved_settings(image: ImageConfig, text: TextConfig, where: str) -> None:
+    """Refuse saved settings that are out of range (B7, W10 of issue 25): an image size that would allocate
+    gigabytes per image, a channel count the towers do not take, ``max_pixels <= 0`` (which switches the
+    decompression-bomb guard off for whatever images the model is given), an unknown domain or window."""
+    from medclipin.data.geometry import DOMAINS
+    from medclipin.data.reader_base import WINDOWS
+
+    problems = []
+    if not 16 <= image.size <= MAX_SAVED_IMAGE_SIZE:
+        problems.append(f"image.size {image.size} is outside 16..{MAX_SAVED_IMAGE_SIZE}")
+    if image.channels not in (1, 3):
+        problems.append(f"image.channels {image.channels} is not 1 or 3")
+    if image.max_pixels <= 0:
+        problems.append(f"image.max_pixels {image.max_pixels} would switch off the limit on decoded image size")
+    if image.domain not in DOMAINS:
+        problems.append(f"image.domain {image.domain!r} is not one of {DOMAINS}")
+    if image.window not in WINDOWS:
+        problems.append(f"image.window {image.window!r} is not one of {WINDOWS}")
+    if not 1 <= text.max_length <= MAX_SAVED_TEXT_LENGTH:
+        problems.append(f"text.max_length {text.max_length} is outside 1..{MAX_SAVED_TEXT_LENGTH}")
+    if problems:
+        raise ProcessorError(f"{where}: {'; '.join(problems)}")
+
+
+def check_against_model_config(processor: "Processor", directory: Path) -> None:
+    """The processor must feed the model saved beside it (W11 of issue 25): the image size and channels its
+    image tower was built for, and token ids below its text tower's vocabulary size (larger ids index past the
+    embedding table). Folders without a readable format-2 ``config.json`` are left to the model's loader."""
+    try:
+        saved = load_json((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    spec = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(spec, dict):
+        return
+    where = directory / PROCESSOR_NAME
+    for key, name in (("image_size", "size"), ("in_chans", "channels")):
+        built = spec.get(key)
+        if isinstance(built, int) and built != getattr(processor.image_cfg, name):
+            raise ProcessorError(f"{where}: image.{name} is {getattr(processor.image_cfg, name)}, but the model in "
+                                 f"config.json was built for {built}; the two files do not belong together")
+    hf = saved.get("text_hf_config")
+    vocab = hf.get("vocab_size") if isinstance(hf, dict) else None
+    if processor.tokenizer is not None and isinstance(vocab, int) and len(processor.tokenizer) > vocab:
+        raise ProcessorError(f"{directory}: the tokenizer has {len(processor.tokenizer)} tokens, more than the "
+                             f"{vocab} of the model's text tower in config.json; the two do not belong together")

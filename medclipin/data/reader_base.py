@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medclipin.errors import MedclipinError
+from medclipin.errors import MedclipinError, SettingError
 
 WINDOWS = ("first", "percentile", "none")
 # Percentiles used by window="percentile": robust to burned-in labels and collimator edges.
@@ -141,7 +141,7 @@ def read_head(path: str | os.PathLike, size: int = SNIFF_BYTES) -> bytes:
 def check_max_pixels(max_pixels: int | None) -> None:
     """``max_pixels`` must be a positive int, or ``None``/``0`` for no limit (ValueError otherwise)."""
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0):
-        raise ValueError(f"max_pixels must be a positive integer, or None/0 for no limit; got {max_pixels!r}")
+        raise SettingError(f"max_pixels must be a positive integer, or None/0 for no limit; got {max_pixels!r}")
 
 
 def _megapixels(count: int) -> str:
@@ -158,3 +158,22 @@ def pixel_limit_reason(width: int, height: int, max_pixels: int | None, frames: 
     return (f"image is {width}×{height}{frames_text} = {_megapixels(count)} megapixels, above the limit of "
             f"{_megapixels(max_pixels)} megapixels (max_pixels={max_pixels}); a genuine image this large "
             "needs a higher max_pixels")
+
+
+# decoded bytes allowed per pixel of max_pixels: an 8-bit RGBA image at the pixel limit; a 16-bit RGBA one
+# just under it (800 MB decoded, then copied while converting) is refused from its header too
+MAX_DECODED_BYTES_PER_PIXEL = 4
+
+
+def decoded_size_reason(width: int, height: int, bytes_per_pixel: int, max_pixels: int | None) -> str | None:
+    """Why an image whose decoded pixels take ``width × height × bytes_per_pixel`` bytes is refused, or None.
+    The pixel limit alone lets through a file with few pixels of many bytes (16-bit RGBA)."""
+    if not max_pixels:
+        return None
+    size = int(width) * int(height) * int(bytes_per_pixel)
+    limit = MAX_DECODED_BYTES_PER_PIXEL * max_pixels
+    if size <= limit:
+        return None
+    return (f"image is {width}×{height} at {bytes_per_pixel} bytes per pixel = {size / 1e6:.0f} MB decoded, above "
+            f"the limit of {limit / 1e6:.0f} MB ({MAX_DECODED_BYTES_PER_PIXEL} bytes per pixel of "
+            f"max_pixels={max_pixels}); a genuine image this large needs a higher max_pixels")

@@ -26,9 +26,10 @@ import numpy as np
 
 from medclipin.data.dicom import is_headerless_dicom, read_dicom
 from medclipin.data.reader_base import (
-    DEFAULT_MAX_PIXELS, WINDOWS, DecodedImage, ImageMeta, ImageReadError, check_max_pixels, percentile_range,
-    pixel_limit_reason, read_head, scale_to_unit,
+    DEFAULT_MAX_PIXELS, WINDOWS, DecodedImage, ImageMeta, ImageReadError, check_max_pixels, decoded_size_reason,
+    percentile_range, pixel_limit_reason, read_head, scale_to_unit,
 )
+from medclipin.errors import SettingError
 
 # The shared image types are defined in reader_base; importing them from here keeps working.
 __all__ = ["read_image", "sniff_format", "DecodedImage", "ImageMeta", "ImageReadError", "WINDOWS",
@@ -64,6 +65,17 @@ def _png_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) from the IHDR chunk, which the PNG standard puts first."""
     if len(head) >= 24 and head[12:16] == b"IHDR":
         return struct.unpack(">II", head[16:24])
+    return None
+
+
+# PNG colour type -> samples per decoded pixel (a palette decodes to RGB)
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+
+
+def _png_bytes_per_pixel(head: bytes) -> int | None:
+    """Decoded bytes per pixel from the IHDR chunk's bit depth and colour type."""
+    if len(head) >= 26 and head[12:16] == b"IHDR" and head[25] in _PNG_SAMPLES:
+        return _PNG_SAMPLES[head[25]] * (2 if head[24] == 16 else 1)
     return None
 
 
@@ -127,6 +139,9 @@ def _check_raster_size(path: str, source_format: str, head: bytes, max_pixels: i
     else:
         size = _other_size(path, max_pixels)
     if size is not None and (reason := pixel_limit_reason(size[0], size[1], max_pixels)):
+        raise ImageReadError(f"{path}: {reason}")
+    depth = _png_bytes_per_pixel(head) if source_format == "png" else None
+    if size is not None and depth is not None and (reason := decoded_size_reason(size[0], size[1], depth, max_pixels)):
         raise ImageReadError(f"{path}: {reason}")
 
 
@@ -230,7 +245,7 @@ def read_image(path: str | os.PathLike, *, frame: int | None = None, window: str
         True
     """
     if window not in WINDOWS:
-        raise ValueError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
+        raise SettingError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}")
     check_max_pixels(max_pixels)
     path = os.fspath(path)
     head = read_head(path)

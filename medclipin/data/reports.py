@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from medclipin.errors import SettingError
+
 __all__ = [
     "ReportSections",
     "extract_sections",
@@ -241,7 +243,7 @@ def record_text(record, sections: Sequence[str] = ("findings", "impression")) ->
     parts = []
     for name in sections:
         if name not in ("findings", "impression", "text"):
-            raise ValueError(f"unknown report section {name!r}; expected findings, impression or text")
+            raise SettingError(f"unknown report section {name!r}; expected findings, impression or text")
         value = clean_text(getattr(record, name, "") or "")
         if value:
             parts.append(value)

@@ -34,6 +34,7 @@ import albumentations as A  # noqa: E402
 
 from medclipin.config import ImageConfig  # noqa: E402
 from medclipin.data.geometry import pad_to_square  # noqa: E402
+from medclipin.errors import SettingError  # noqa: E402
 
 # ITU-R BT.601 luma, the usual RGB→grey weights
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -86,7 +87,7 @@ class ImageTransform:
         self.size = int(cfg.size)
         self.channels = int(cfg.channels)
         if self.channels not in (1, 3):
-            raise ValueError(f"image.channels must be 1 or 3, got {self.channels}")
+            raise SettingError(f"image.channels must be 1 or 3, got {self.channels}")
         mean, std = normalization(cfg)
         # (x * scale - mean) / std as x * (scale / std) - mean / std, per channel
         self._mul = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(-1, 1, 1)
@@ -148,9 +149,10 @@ def normalization(cfg: ImageConfig) -> tuple[tuple[float, ...], tuple[float, ...
     channels = int(cfg.channels)
     for name, values in (("mean", mean), ("std", std)):
         if len(values) not in (1, channels):
-            raise ValueError(f"data.image.{name} has {len(values)} values; expected 1 or {channels} (one per channel)")
+            raise SettingError(f"data.image.{name} has {len(values)} values; expected 1 or {channels} "
+                               "(one per channel)")
     if any(s <= 0 for s in std):
-        raise ValueError(f"data.image.std must be > 0, got {std}")
+        raise SettingError(f"data.image.std must be > 0, got {std}")
     return (mean * channels if len(mean) == 1 else mean), (std * channels if len(std) == 1 else std)
 
 

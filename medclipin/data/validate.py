@@ -53,6 +53,7 @@ class ValidationReport:
     decode_sampled: bool = False  # decoding covered a sample, not every file
     decode_checked_per_split: dict[str, int] = field(default_factory=dict)
     bad_files: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for every bad file found
+    warnings: list[str] = field(default_factory=list)  # what could not be checked, or looks wrong but may be meant
 
     @property
     def ok(self) -> bool:
@@ -255,6 +256,11 @@ def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: 
         failures.append(f"{leaked} patients appear in more than one split")
     if cross_split:
         failures.append(f"{cross_split} images appear in more than one split")
+    warnings = []
+    if len(records) > 1 and all(r.patient_id == r.record_id for r in records):
+        # read_manifest gives each record its own id as patient when patient_id is absent or empty
+        warnings.append("no patient_id: every record counts as its own patient, so a patient whose studies are in "
+                        "more than one split (leakage) cannot be found; add a patient_id column")
     return ValidationReport(
         manifest=str(path),
         records=len(records),
@@ -277,4 +283,5 @@ def validate_manifest(path: str | os.PathLike, check_all: bool = False, sample: 
         decode_sampled=sampled,
         decode_checked_per_split={s: decoding.per_split.get(s, 0) for s in SPLITS},
         bad_files=sorted(bad_files, key=lambda e: e["path"]),
+        warnings=warnings,
     )

@@ -25,6 +25,7 @@ from medclipin.atomic import atomic_open
 from medclipin.data.dataset import ImageTextDataset
 from medclipin.data.manifest import Record
 from medclipin.data.processor import Processor
+from medclipin.errors import MedclipinError
 from medclipin.models.model import MedClipModel
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,20 @@ def _as_record(item) -> Record:
         return item
     path = os.fspath(item)
     return Record(record_id=path, patient_id="", study_id="", image_path=path, split="")
+
+
+class NonFiniteEmbeddingError(MedclipinError, ValueError):
+    """The model gives NaN or infinite embeddings: its weights are broken (tampered, or from a diverged run)."""
+
+
+def _finite(embeddings: torch.Tensor, what: str) -> torch.Tensor:
+    """``embeddings`` when every value is finite. A NaN from the model would otherwise pass for an unreadable
+    image (a NaN row) or score as "+nan", and a command would exit 0 with nothing measured."""
+    if not torch.isfinite(embeddings).all():
+        bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+        raise NonFiniteEmbeddingError(f"the model gives non-finite {what} embeddings ({bad} of {len(embeddings)} in "
+                                      "a batch): its weights are broken; use another model or checkpoint")
+    return embeddings
 
 
 def readable_rows(embeddings: torch.Tensor) -> torch.Tensor:
@@ -167,7 +182,7 @@ class EmbeddingStore:
             dataset = ImageTextDataset(records, self.processor, train=False, cache_dir=self.image_cache,
                                        require_text=False, substitute_unreadable=False)
             for path in dataset.missing:
-                self.rejected[path] = "image file missing"
+                self.rejected[path] = dataset.image_problems.get(path, "image file missing")
             out = torch.full((len(records), dim), float("nan"))
             kept = [i for i, r in enumerate(records) if r.image_path not in dataset.missing]
             if len(kept) != len(dataset):  # duplicated paths etc. cannot happen; a guard for the mapping below
@@ -179,7 +194,7 @@ class EmbeddingStore:
                     self.rejected[path] = reason
                 if len(positions):
                     rows = torch.tensor([kept[p] for p in positions])
-                    out[rows] = encode(images.to(self.device)).float().cpu()
+                    out[rows] = _finite(encode(images.to(self.device)).float().cpu(), "image")
             if self.rejected:
                 bad = sum(1 for r in records if r.image_path in self.rejected)
                 if bad:
@@ -198,7 +213,8 @@ class EmbeddingStore:
             for start in range(0, len(texts), self.batch_size):
                 tokens = self.processor.texts(list(texts[start:start + self.batch_size]))
                 tokens = {k: v.to(self.device) for k, v in tokens.items()}
-                chunks.append(self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu())
+                encoded = self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().cpu()
+                chunks.append(_finite(encoded, "text"))
             return torch.cat(chunks) if chunks else torch.zeros(0, self.model.embed_dim)
 
         return self._cached(key, compute)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from medclipin.data.manifest import Record
+from medclipin.errors import MedclipinError
 from medclipin.eval.embeddings import EmbeddingStore, keep_readable
 from medclipin.eval.gradcam import (
     DEFAULT_CAM_METHOD,
@@ -41,12 +42,19 @@ def _file_safe(name: str) -> str:
     return re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_")[:60] or "finding"
 
 
+class PromptClassError(MedclipinError, KeyError):
+    """A prompt class has no ``label:<class>`` column in the manifest (a KeyError too, for older callers)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this is a sentence
+        return str(self.args[0]) if self.args else ""
+
+
 def check_prompt_classes(records: list[Record], prompts: PromptSet) -> None:
     """Every prompt class must be a ``label:<class>`` column of the manifest (a typo would silently score nothing)."""
     known = set().union(*(r.labels.keys() for r in records)) if records else set()
     missing = [c for c in prompts.class_names if c not in known]
     if missing:
-        raise KeyError(f"prompt classes {missing} have no label:<class> column in the manifest "
+        raise PromptClassError(f"prompt classes {missing} have no label:<class> column in the manifest "
                        f"(manifest classes: {sorted(known)})")
 
 

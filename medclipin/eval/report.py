@@ -101,6 +101,10 @@ def zeroshot_markdown(result: dict, run: dict, prompts: dict, roc_png: str | Non
     lines += ["", "## Threshold rule (accuracy, F1)", "", f"{result.get('threshold_rule', '')}.", ""]
     bootstrap = result.get("bootstrap")
     lines += ["## Results", ""]
+    unreadable = result.get("unreadable_images") or []
+    if unreadable:  # "records evaluated" counts them; the scores do not
+        lines += [f"{len(unreadable)} of the {run.get('n_records', '?')} records were left out: their images could "
+                  "not be read (each named with its reason under `unreadable_images` in zeroshot.json).", ""]
     lines.append(f"Macro AUC: **{_num(result.get('mean_auc'))}** (95% CI {_ci(result.get('mean_auc_ci'))}) over "
                  f"{result.get('macro_auc_classes', 0)} classes; macro F1 {_num(result.get('macro_f1'))}; "
                  f"macro accuracy {_num(result.get('macro_accuracy'))}.")

@@ -22,6 +22,7 @@ import yaml
 
 from medclipin.errors import MedclipinError
 from medclipin.eval.embeddings import EmbeddingStore
+from medclipin.safe_parse import load_yaml
 
 MODES = ("multilabel", "multiclass")
 
@@ -95,7 +96,7 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
     shipped with medclipin (``"synthetic"``)."""
     path = resolve_prompts_path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -107,8 +108,14 @@ def load_prompts(path: str | os.PathLike) -> PromptSet:
     if mode not in MODES:
         raise PromptFileError(f"{path}: 'mode' must be one of {MODES}, got {mode!r}")
     templates = data.get("templates") or ["{}"]
-    if not all(isinstance(t, str) and "{}" in t for t in templates):
+    if not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
         raise PromptFileError(f"{path}: every template must be a string containing '{{}}'")
+    for template in templates:
+        try:
+            template.format("x")
+        except (IndexError, KeyError, ValueError):
+            raise PromptFileError(f"{path}: template {template!r} must hold '{{}}' and no other '{{...}}' "
+                                  "(write '{{{{' and '}}}}' for braces)") from None
     positive, negative = {}, {}
     for name, entry in data["classes"].items():
         entry = {"positive": entry} if isinstance(entry, list) else (entry or {})

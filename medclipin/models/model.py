@@ -32,6 +32,7 @@ from medclipin.config import (ContrastiveConfig, ImageEncoderConfig, ModelConfig
                               config_to_dict)
 from medclipin.errors import MedclipinError
 from medclipin.models.towers import build_image_tower, build_text_tower
+from medclipin.safe_parse import load_json
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ def read_model_config(directory: Path) -> dict:
     if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise ModelFolderError(f"{directory}: not a medclipin model folder (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        saved = json.loads(config_path.read_text(encoding="utf-8"))
+        saved = load_json(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelFolderError(f"{config_path}: not readable JSON ({exc})") from None
     if not isinstance(saved, dict):
@@ -306,7 +307,9 @@ def read_model_config(directory: Path) -> dict:
         raise ModelFolderError(f"{directory}: a transformers {saved['model_type']!r} folder, not a medclipin model"
                                + (f"; load it as hf:{directory}" if saved["model_type"] == "clip" else ""))
     version = saved.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFolderError(f"{config_path}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ModelFolderError(f"{config_path}: format_version {version!r} is newer than this medclipin "
                                f"understands ({FORMAT_VERSION}); upgrade medclipin")
     return saved
@@ -337,7 +340,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     if length > min(size - 8, MAX_HEADER_BYTES):
         raise ModelFolderError(f"{path}: corrupt weights file (header of {length} bytes in a {size}-byte file)")
     try:
-        header = json.loads(raw)
+        header = load_json(raw)
     except (ValueError, UnicodeDecodeError):
         raise ModelFolderError(f"{path}: corrupt weights file (its header is not JSON)") from None
     if not isinstance(header, dict):
@@ -424,7 +427,14 @@ def _load_weights(model: nn.Module, path: Path, map_location, drop_prefixes: tup
         state = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise ModelFolderError(f"{path}: cannot read weights ({exc})") from None
-    model.load_state_dict(_renamed(state, drop_prefixes, rename), strict=True)
+    state = _renamed(state, drop_prefixes, rename)
+    own = model.state_dict()
+    # same shape and bytes, another kind of number (an F32 tensor relabelled I32): copying would load garbage
+    swapped = sorted(f"{k} (file {v.dtype}, model {own[k].dtype})" for k, v in state.items()
+                     if k in own and v.dtype.is_floating_point != own[k].dtype.is_floating_point)
+    if swapped:
+        raise WeightsMismatchError(f"{path}: wrong dtype: {', '.join(swapped[:4])}{' …' if len(swapped) > 4 else ''}")
+    model.load_state_dict(state, strict=True)
 
 
 def _load_format1(cls, directory: Path, saved: dict, map_location) -> MedClipModel:

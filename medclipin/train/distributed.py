@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from medclipin.errors import MedclipinError
+
+
+class RendezvousError(MedclipinError, RuntimeError):
+    """Several processes were launched without the address they meet at (MASTER_ADDR, MASTER_PORT)."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -54,7 +60,7 @@ def init_distributed(device_kind: str) -> DistInfo:
     if info.enabled:
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
-            raise RuntimeError(
+            raise RendezvousError(
                 f"{info.world_size} processes but {' and '.join(missing)} not set: under srun export MASTER_ADDR "
                 "(the first node's host name) and MASTER_PORT (a free port) in the sbatch script "
                 "(docs/scaling.md); torchrun sets them itself"

@@ -57,6 +57,13 @@ class MetricsLog:
             writer.writerows(rows)
         self.columns = columns
 
+    def has_step(self, step: int) -> bool:
+        """Whether the file holds a complete row of ``step``."""
+        if not self.path.exists():
+            return False
+        with self.path.open(newline="") as handle:
+            return any(row.get("step") == str(step) and None not in row.values() for row in csv.DictReader(handle))
+
     def truncate_after(self, step: int) -> None:
         """Keep the rows of steps ``1..step`` only (resume: each step appears once, in order).
 

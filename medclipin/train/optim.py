@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medclipin.config import TrainConfig
+from medclipin.errors import SettingError
 
 # Scalars that set the objective's scale rather than a feature map: decaying them toward 0 would
 # bias the temperature / loss weights, so they never get weight decay.
@@ -69,7 +70,7 @@ def tower_learning_rates(model: nn.Module, cfg: TrainConfig) -> list[tuple[nn.Mo
     pairs = []
     for attribute, lr in (("image_encoder", cfg.image_encoder_lr), ("text_encoder", cfg.text_encoder_lr)):
         if lr < 0:
-            raise ValueError(f"train.{attribute}_lr must be >= 0, got {lr}")
+            raise SettingError(f"train.{attribute}_lr must be >= 0, got {lr}")
         if lr > 0 and hasattr(model, attribute):
             pairs.append((getattr(model, attribute), lr))
     return pairs

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from medclipin.atomic import check_output_dir
-from medclipin.config import Config, ConfigError, config_to_dict, load_config, save_config
+from medclipin.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from medclipin.errors import MedclipinError
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,47 @@ def check_resume_config(run_dir: str | os.PathLike, cfg: Config) -> None:
             f"{path}: resuming would change the run's math ({listed}{more}). Resume with the run's own settings, "
             f"or continue from a checkpoint in a new folder (--resume {Path(run_dir) / 'checkpoints' / 'step_N'} "
             "--out NEW_FOLDER)")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (the manifest a run reads, kept in every checkpoint)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume_state(run_dir: str | os.PathLike, checkpoint: Path, state: dict, cfg: Config,
+                       manifest_sha256: str) -> None:
+    """Refuse to continue a run in its own folder on other data or other math than its checkpoint was trained
+    with: the manifest's bytes (its SHA-256: a manifest edited in place keeps its path), and the configuration
+    kept in the checkpoint (which still holds when ``RUN/config.yaml`` was deleted). A checkpoint continued in a
+    new folder (``--resume CHECKPOINT --out NEW``) may change both. Checkpoints of older versions, which keep
+    neither, are not checked."""
+    if Path(checkpoint).resolve().parent.parent != Path(run_dir).resolve():
+        return
+    saved_hash = state.get("manifest_sha256")
+    if saved_hash and saved_hash != manifest_sha256:
+        raise ResumeConfigError(
+            f"{cfg.data.manifest}: changed since this run's checkpoint {Path(checkpoint).name} was written "
+            f"(SHA-256 {saved_hash[:12]}... then, {manifest_sha256[:12]}... now), and a resume must read the same "
+            "records. Restore the manifest, or continue from the checkpoint in a new folder "
+            f"(--resume {checkpoint} --out NEW_FOLDER)")
+    saved = state.get("config")
+    if isinstance(saved, dict):
+        try:
+            saved_cfg = config_from_dict(saved)
+        except ConfigError:
+            return  # a configuration of another version: RUN/config.yaml (check_resume_config) is the check
+        changes = changed_math(saved_cfg, cfg)
+        if changes:
+            listed = "; ".join(f"{key}: {_short(old)} -> {_short(new)}" for key, old, new in changes[:8])
+            raise ResumeConfigError(
+                f"{checkpoint}: resuming would change the run's math ({listed}). Resume with the run's own "
+                f"settings, or continue from the checkpoint in a new folder (--resume {checkpoint} --out NEW_FOLDER)")
 
 
 def write_config(run_dir: str | os.PathLike, cfg: Config) -> bool:

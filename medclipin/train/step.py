@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medclipin.errors import MedclipinError
+from medclipin.errors import MedclipinError, SettingError
 from medclipin.config import TrainConfig
 from medclipin.train.distributed import DistInfo
 
@@ -55,7 +55,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if fast_bf16_available(device) else "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise SettingError(f"train.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return precision
 
 
@@ -65,9 +65,9 @@ def autocast_context(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
-        raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
+        raise SettingError(f"train.precision must be fp32, bf16 or fp16, got {precision!r}")
     if device.type == "cpu" and dtype is torch.float16:
-        raise ValueError("train.precision=fp16 needs a GPU; use bf16 on CPU")
+        raise SettingError("train.precision=fp16 needs a GPU; use bf16 on CPU")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

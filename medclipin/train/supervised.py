@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 
 from medclipin.config import Config, save_config
 from medclipin.data.dataset import ImageTextDataset
-from medclipin.data.manifest import read_manifest
+from medclipin.data.manifest import ManifestError, read_manifest
 from medclipin.data.processor import Processor
 from medclipin.models.encoders import ImageEncoder
 from medclipin.models.weights import resolve_normalization
@@ -68,11 +68,10 @@ def _collate(items: list[dict]) -> dict:
 def class_names_for(cfg: Config, records) -> list[str]:
     """The classes of ``eval.prompts`` when set (so the ceiling and zero-shot score the same classes), else
     every ``label:<Class>`` column of the manifest."""
-    if cfg.eval.prompts:
-        from medclipin.eval.zeroshot import load_prompts
+    from medclipin.train.preflight import eval_prompts, label_names_of
 
-        return load_prompts(cfg.eval.prompts).class_names
-    return sorted(set().union(*(r.labels.keys() for r in records)))
+    prompts = eval_prompts(cfg.eval.prompts, label_names_of(records), cfg.data.manifest)
+    return prompts.class_names if prompts is not None else label_names_of(records)
 
 
 def train_supervised(cfg: Config, out_dir: str | os.PathLike, progress: bool = True) -> dict:
@@ -96,7 +95,7 @@ def train_supervised(cfg: Config, out_dir: str | os.PathLike, progress: bool = T
     manifest = read_manifest(cfg.data.manifest)
     train_records, test_records = manifest.split("train"), manifest.split("test")
     if not train_records or not test_records:
-        raise ValueError(f"{cfg.data.manifest}: the supervised ceiling needs train and test records")
+        raise ManifestError(f"{cfg.data.manifest}: the supervised ceiling needs train and test records")
     classes = class_names_for(cfg, manifest.records)
     processor = Processor(cfg.data.image, cfg.data.text, tokenizer=None)
 

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medclipin.atomic import atomic_open
-from medclipin.config import Config, ConfigError
+from medclipin.config import Config, ConfigError, config_to_dict
 from medclipin.errors import MedclipinError
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator, select_usable
 from medclipin.data.manifest import read_manifest
@@ -53,7 +53,7 @@ from medclipin.models.model import MedClipModel
 from medclipin.models.weights import resolve_normalization
 from medclipin.train.objective import TrainingObjective
 from medclipin.train import checkpoint as ckpt
-from medclipin.train import run_folder
+from medclipin.train import preflight, run_folder
 from medclipin.train.distributed import DistInfo, cleanup, init_distributed
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
 from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
@@ -118,7 +118,8 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, train_texts: list[str], start:
         return load_tokenizer(str(resolve_model_dir(cfg.train.init_from)))
     with tempfile.TemporaryDirectory(prefix="medclipin-tokenizer-") as staging:
         # loaded back from its files, as a resumed run will load RUN/tokenizer
-        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=staging)
+        train_wordpiece_tokenizer(train_texts, vocab_size=cfg.data.text.vocab_size, out_dir=staging,
+                                  min_frequency=cfg.data.text.min_frequency)
         return load_tokenizer(staging)
 
 
@@ -272,12 +273,13 @@ def _resolve_start(run_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistInfo) -> run_folder.RunLock | None:
-    """Rank 0 takes the run folder (:func:`medclipin.train.run_folder.claim`); every rank raises its refusal."""
-    lock, failure = None, None
+def _main_decides(dist_info: DistInfo, check):
+    """Run ``check`` on rank 0 only; its refusal (a :class:`MedclipinError`) is raised on every rank, so no
+    rank is left waiting at a barrier for one that stopped. Returns what ``check`` returned (rank 0)."""
+    result, failure = None, None
     if dist_info.is_main:
         try:
-            lock = run_folder.claim(run_dir, cfg, resume)
+            result = check()
         except MedclipinError as exc:
             failure = exc
     if dist_info.enabled:
@@ -286,7 +288,12 @@ def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistIn
         failure = shared[0]
     if failure is not None:
         raise failure
-    return lock
+    return result
+
+
+def _claim_run_folder(run_dir: Path, cfg: Config, resume: str, dist_info: DistInfo) -> run_folder.RunLock | None:
+    """Rank 0 takes the run folder (:func:`medclipin.train.run_folder.claim`); every rank raises its refusal."""
+    return _main_decides(dist_info, lambda: run_folder.claim(run_dir, cfg, resume))
 
 
 def pretrain(
@@ -361,8 +368,10 @@ class _Run:
     scaler: torch.amp.GradScaler
     train_step: TrainStep
     rejects: "RejectLog"
+    manifest_sha256: str = ""
     step: int = 0
     best: dict = field(default_factory=dict)
+    final_row: dict = field(default_factory=dict)  # the final step's metrics row, from the final checkpoint
 
 
 def _run(cfg: Config, run_dir: Path, resume: str, progress: bool, validate_fn, device: torch.device,
@@ -390,17 +399,31 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
         raise RunSetupError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
     _check_enough_records(cfg, manifest, train_records, global_batch)
     start_path = _resolve_start(run_dir, resume)
+    manifest_sha256 = run_folder.file_sha256(cfg.data.manifest)
+    saved_state = ckpt.load_training_state(start_path) if start_path is not None else None
+    if saved_state is not None:
+        run_folder.check_resume_state(run_dir, start_path, saved_state, cfg, manifest_sha256)
     processor = prepare_processor(cfg, run_dir, train_records, start_path)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    if cfg.model.base:  # a pretrained CLIP, embedding at step 0 exactly as its library does
-        model = copy.deepcopy(load_configured_base(cfg)[0]).train()
-        _LOADED_BASES.clear()
-    else:
-        model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
-                                         vocab_size=processor.vocab_size)
-    if tcfg.init_from and start_path is None:
-        init_from_model(model, tcfg.init_from)
-    objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
+    try:
+        if cfg.model.base:  # a pretrained CLIP, embedding at step 0 exactly as its library does
+            model = copy.deepcopy(load_configured_base(cfg)[0]).train()
+            _LOADED_BASES.clear()
+        else:
+            model = MedClipModel.from_config(cfg.model, cfg.data.image.size, cfg.data.image.channels,
+                                             vocab_size=processor.vocab_size)
+        if tcfg.init_from and start_path is None:
+            init_from_model(model, tcfg.init_from)
+        objective = TrainingObjective(model, cfg.model)  # the EMA target copies the initial weights
+        if objective.clipin is not None:  # read only after the first step: checked before it
+            objective.clipin.momentum(0, tcfg.steps)
+    except MedclipinError:
+        raise
+    except TypeError as exc:  # an unknown or mistyped keyword reaches timm or transformers as a TypeError
+        raise RunSetupError(f"the model cannot be built from the configuration ({exc}): check "
+                            "model.image_encoder.kwargs and model.text_encoder.config") from None
+    except ValueError as exc:  # the towers and the objective check their model.* settings with ValueErrors
+        raise RunSetupError(f"the model cannot be built from the configuration: {exc}") from None
     if cfg.model.clipin.enabled and cfg.model.clipin.sync_batchnorm and dist_info.enabled:
         objective.convert_sync_batchnorm(device)
     objective.to(device)
@@ -413,11 +436,15 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     optimizer = build_optimizer(objective, tcfg, device, lrs=tower_learning_rates(model, tcfg))
     scheduler = build_scheduler(optimizer, tcfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, consumed, nonfinite_total, best = _restore(start_path, objective, optimizer, scheduler, scaler, dist_info,
-                                                     tcfg.seed)
+    step, consumed, nonfinite_total, best, final_row = _restore(start_path, saved_state, objective, optimizer,
+                                                                scheduler, scaler, dist_info, tcfg.seed)
     if start_path is None and resume == "auto" and dist_info.is_main:
         log.info("no complete checkpoint in %s: starting from step 0", run_dir)
+    # what the first checkpoint will need, checked before the first step (a full disk fails now, not there)
+    _main_decides(dist_info, lambda: preflight.check_run_folder_space(run_dir, objective))
     if dist_info.is_main:
+        sample = train_records[::max(1, len(train_records) // 500)]
+        preflight.check_tokenizer_coverage(processor, [record_text(r, cfg.data.text.sections) for r in sample])
         _write_run_files(run_dir, cfg, processor, step)
     if dist_info.enabled:
         dist.barrier()
@@ -440,17 +467,17 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     return _Run(cfg=cfg, run_dir=run_dir, device=device, precision=precision, dist_info=dist_info,
                 processor=processor, model=model, objective=objective, dataset=dataset, batches=batches,
                 optimizer=optimizer, scheduler=scheduler, scaler=scaler, train_step=train_step, rejects=rejects,
-                step=step, best=best)
+                manifest_sha256=manifest_sha256, step=step, best=best, final_row=final_row)
 
 
-def _restore(start_path: Path | None, objective, optimizer, scheduler, scaler, dist_info: DistInfo,
-             seed: int) -> tuple[int, int, int, dict]:
+def _restore(start_path: Path | None, state: dict | None, objective, optimizer, scheduler, scaler,
+             dist_info: DistInfo, seed: int) -> tuple[int, int, int, dict, dict]:
     """Weights, optimiser, schedule, scaler and every RNG stream from a checkpoint (nothing when starting
-    fresh). Returns (step, micro-batches consumed, non-finite steps so far, best validation figures)."""
+    fresh). Returns (step, micro-batches consumed, non-finite steps so far, best validation figures, the final
+    step's metrics row when this is the final checkpoint)."""
     if start_path is None:
-        return 0, 0, 0, {}
+        return 0, 0, 0, {}, {}
     ckpt.load_checkpoint_weights(objective, start_path)
-    state = ckpt.load_training_state(start_path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
@@ -458,7 +485,8 @@ def _restore(start_path: Path | None, objective, optimizer, scheduler, scaler, d
     _restore_rng(state, dist_info, seed, step)
     if dist_info.is_main:
         log.info("resumed from %s at step %d", start_path.name, step)
-    return step, int(state["micro_step"]), int(state.get("nonfinite_total", 0)), dict(state.get("best", {}))
+    return (step, int(state["micro_step"]), int(state.get("nonfinite_total", 0)), dict(state.get("best", {})),
+            dict(state.get("final_row") or {}))
 
 
 def _write_run_files(run_dir: Path, cfg: Config, processor, step: int) -> None:
@@ -473,8 +501,9 @@ def _write_run_files(run_dir: Path, cfg: Config, processor, step: int) -> None:
 
 
 def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
-    """The loop: steps, logging, validation, checkpoints; the final checkpoint and ``RUN/model`` are written
-    before the last validation (which may still fail)."""
+    """The loop: steps, logging, validation, checkpoints. The final step's metrics row (kept in the final
+    checkpoint), the final checkpoint and ``RUN/model`` are written before the last validation, which may still
+    fail; a run resumed after its final step completes whatever the final step left undone (:func:`_finish`)."""
     tcfg, dist_info, run_dir = run.cfg.train, run.dist_info, run.run_dir
     metrics = MetricsLog(run_dir / "metrics.csv",
                          extra_columns=[f"val_{c}" for c in getattr(validate_fn, "columns", ())])
@@ -490,6 +519,8 @@ def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
     run.objective.train()
     model_dir = run_dir / "model"
     try:
+        if run.step >= total:  # resumed from the final checkpoint: the steps are done, their aftermath may not be
+            _finish(run, validate_fn, metrics, tensorboard)
         while run.step < total:
             outcome = run.train_step(run.batches, run.step)
             samples_done += outcome.samples
@@ -498,30 +529,28 @@ def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
             step, final = run.step, run.step == total
             checkpoint_due = step % tcfg.checkpoint_every == 0 or final
             validation_due = validate_fn is not None and (final or (tcfg.validate_every and step % tcfg.validate_every == 0))
+            # the host reads the step's outcome only here (log steps) and before a checkpoint
+            monitored = bool(tcfg.grad_monitor_every) and step % tcfg.grad_monitor_every == 0
+            row = None
+            if step % tcfg.log_every == 0 or final or validation_due or monitored:
+                now = time.perf_counter()
+                rate = interval_samples / max(now - interval_start, 1e-9)
+                interval_start, interval_samples = now, 0
+                row, logged_skipped = _step_row(run, outcome, rate, logged_skipped)
             if final:
                 wall = time.perf_counter() - wall_start
-            if checkpoint_due and final:
-                # the final checkpoint and model are on disk before the last validation, which may still fail
-                _checkpoint(run)
+                # the final row, checkpoint and model are on disk before the last validation, which may still fail
+                _checkpoint(run, final_row=row)
                 if dist_info.is_main:
                     run.model.save_pretrained(model_dir, processor=run.processor)
             validation: dict = {}
             if validation_due:
                 run.best, validation = _validate(run.model, run.processor, step, validate_fn, run.best, run_dir,
                                                  dist_info, tensorboard)
-            # the host reads the step's outcome only here (log steps) and before a checkpoint
-            monitored = bool(tcfg.grad_monitor_every) and step % tcfg.grad_monitor_every == 0
-            if step % tcfg.log_every == 0 or final or validation_due or monitored:
-                now = time.perf_counter()
-                rate = interval_samples / max(now - interval_start, 1e-9)
-                interval_start, interval_samples = now, 0
-                logged_skipped = _log_step(run, outcome, rate, validation, logged_skipped, metrics, tensorboard, bar)
+            if row is not None:
+                _write_row(run, {**row, **{f"val_{k}": v for k, v in validation.items()}}, metrics, tensorboard, bar)
             if checkpoint_due and not final:
                 _checkpoint(run)
-        if validate_fn is not None and run.step == total and not _validated_at(run_dir, run.step):
-            # resumed after a final validation that failed: the model is saved, the validation is redone
-            run.best, _ = _validate(run.model, run.processor, run.step, validate_fn, run.best, run_dir, dist_info,
-                                    tensorboard)
         if dist_info.enabled:
             dist.barrier()
     finally:
@@ -541,10 +570,39 @@ def _train(run: _Run, validate_fn, progress: bool) -> TrainResult:
     )
 
 
-def _log_step(run: _Run, outcome, rate: float, validation: dict, logged_skipped: int, metrics: MetricsLog,
-              tensorboard: TensorBoardLog, bar: Progress) -> int:
-    """One row of ``metrics.csv`` (losses, monitors, validation numbers), TensorBoard and the progress display;
-    returns the number of skipped steps now reported."""
+def _finish(run: _Run, validate_fn, metrics: MetricsLog, tensorboard: TensorBoardLog) -> None:
+    """Complete a run resumed from its final checkpoint: a kill after the final checkpoint (during the model
+    write, the final validation, the ``RUN/best`` save or the last metrics row) left some of these undone, and
+    each is done now, once: ``RUN/model``, the final validation (which saves ``RUN/best`` before it is recorded
+    in ``validation.jsonl``, so a recorded validation has its best model on disk), and the final metrics row
+    (kept in the final checkpoint, with the validation's numbers)."""
+    dist_info, run_dir, step = run.dist_info, run.run_dir, run.step
+    if dist_info.is_main and not _is_model_folder(run_dir / "model"):
+        log.info("resumed after the final step: writing %s", run_dir / "model")
+        run.model.save_pretrained(run_dir / "model", processor=run.processor)
+    validation: dict = {}
+    if validate_fn is not None:
+        recorded = _recorded_validations(run_dir)
+        if step in recorded:
+            validation = recorded[step]
+            run.best = _best_of(recorded)
+        else:
+            log.info("resumed after the final step: redoing the final validation")
+            run.best, validation = _validate(run.model, run.processor, step, validate_fn, run.best, run_dir,
+                                             dist_info, tensorboard)
+    if dist_info.is_main and run.final_row and not metrics.has_step(step):
+        metrics.write({**run.final_row, **{f"val_{k}": v for k, v in validation.items()}})
+
+
+def _is_model_folder(folder: Path) -> bool:
+    from medclipin.models.model import CONFIG_NAME, WEIGHTS_NAME
+
+    return (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file()
+
+
+def _step_row(run: _Run, outcome, rate: float, logged_skipped: int) -> tuple[dict, int]:
+    """One step's ``metrics.csv`` row (losses, monitors; validation numbers are added by the caller) and the
+    number of skipped steps now reported."""
     skipped = run.train_step.nonfinite_total
     if skipped > logged_skipped and run.dist_info.is_main:
         log.warning("%d step(s) up to step %d had a non-finite loss or gradient: updates skipped "
@@ -554,27 +612,33 @@ def _log_step(run: _Run, outcome, rate: float, validation: dict, logged_skipped:
            "samples_per_s": rate, "skipped_nonfinite": skipped, "rejected_images": run.rejects.count}
     row.update({k: float(v) for k, v in outcome.terms.items()})
     row.update({k: float(v) for k, v in outcome.stats.items()})
-    row.update({f"val_{k}": v for k, v in validation.items()})
+    return row, skipped
+
+
+def _write_row(run: _Run, row: dict, metrics: MetricsLog, tensorboard: TensorBoardLog, bar: Progress) -> None:
+    """A row into ``metrics.csv``, TensorBoard and the progress display (main process)."""
     if run.dist_info.is_main:
         metrics.write(row)
         tensorboard.write({k: v for k, v in row.items() if not k.startswith("val_")}, run.step)
-        bar.update(run.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "samples/s": f"{rate:.1f}"})
-    return skipped
+        bar.update(run.step, {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}",
+                              "samples/s": f"{row['samples_per_s']:.1f}"})
 
 
-def _checkpoint(run: _Run) -> None:
+def _checkpoint(run: _Run, final_row: dict | None = None) -> None:
     run.train_step.guard.check()  # a run that has gone non-finite stops here rather than saving
     _save_checkpoint(run.run_dir, run.step, run.objective, run.processor, run.optimizer, run.scheduler, run.scaler,
-                     run.batches, run.train_step, run.best, run.dist_info, run.cfg.train.keep_checkpoints)
+                     run.batches, run.train_step, run.best, run.dist_info, run.cfg.train.keep_checkpoints,
+                     extra={"manifest_sha256": run.manifest_sha256, "config": config_to_dict(run.cfg),
+                            **({"final_row": final_row} if final_row else {})})
 
 
 def _save_checkpoint(run_dir: Path, step: int, objective: TrainingObjective, processor: Processor, optimizer,
                      scheduler, scaler, batches: "BatchStream", train_step: TrainStep, best: dict,
-                     dist_info: DistInfo, keep: int) -> None:
+                     dist_info: DistInfo, keep: int, extra: dict | None = None) -> None:
     state = {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(), "micro_step": batches.consumed,
-        "nonfinite_total": train_step.nonfinite_total, "best": best,
+        "nonfinite_total": train_step.nonfinite_total, "best": best, **(extra or {}),
     }
     rng_states = _gather_rng_states(dist_info)
     if dist_info.is_main:
@@ -606,7 +670,9 @@ class RejectLog:
             return
         for path, reason in new:
             self.seen[path] = reason
-            log.warning("skipping unreadable training image %s: %s", path, reason)
+        # the paths (which can hold patient identifiers) and reasons go to the file, not the console
+        log.warning("skipping %d unreadable training image(s), %d so far: listed with the reasons in %s",
+                    len(new), self.count, self.path)
         if self.write:
             import csv
 
@@ -648,17 +714,28 @@ def _truncate_jsonl(path: Path, step: int) -> None:
         handle.write("".join(line + "\n" for line in kept))
 
 
-def _validated_at(run_dir: Path, step: int) -> bool:
+def _recorded_validations(run_dir: Path) -> dict[int, dict]:
+    """step -> the numbers of each validation recorded in ``validation.jsonl`` (torn lines skipped)."""
     path = run_dir / "validation.jsonl"
+    found: dict[int, dict] = {}
     if not path.is_file():
-        return False
+        return found
     for line in path.read_text().splitlines():
         try:
-            if int(json.loads(line)["step"]) == step:
-                return True
-        except (ValueError, KeyError, TypeError):
+            values = json.loads(line)
+            found[int(values.pop("step"))] = {k: float(v) for k, v in values.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
             continue
-    return False
+    return found
+
+
+def _best_of(recorded: dict[int, dict]) -> dict:
+    """The best validation as :func:`_validate` keeps it: the first of the highest scores."""
+    best: dict = {}
+    for step in sorted(recorded):
+        if "score" in recorded[step] and (not best or recorded[step]["score"] > best["score"]):
+            best = {"step": step, **recorded[step]}
+    return best
 
 
 def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn, best: dict, run_dir: Path,
@@ -678,13 +755,14 @@ def _validate(model: MedClipModel, processor: Processor, step: int, validate_fn,
         finally:
             ckpt.set_rng_state(streams)
             model.train(was_training)
-        with (run_dir / "validation.jsonl").open("a") as handle:
-            handle.write(json.dumps({"step": step, **result}) + "\n")
-        tensorboard.write({f"validate/{k}": v for k, v in result.items()}, step)
         log.info("validation at step %d: score %.4f", step, result["score"])
+        # RUN/best first, then the record: a recorded validation always has its best model on disk
         if not best or result["score"] > best["score"]:
             best = {"step": step, **result}
             model.save_pretrained(run_dir / "best", processor=processor)
+        with (run_dir / "validation.jsonl").open("a") as handle:
+            handle.write(json.dumps({"step": step, **result}) + "\n")
+        tensorboard.write({f"validate/{k}": v for k, v in result.items()}, step)
     if dist_info.enabled:
         # every rank carries the same `best` into its checkpoint state; also waits for rank 0's validation
         shared = [best]

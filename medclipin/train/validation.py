@@ -28,17 +28,27 @@ def validation_score(metrics: dict) -> float:
 def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None:
     """A validation callback over ``records`` (the validate split), or None when there are none.
 
-    Zero-shot runs when ``cfg.eval.prompts`` is set; retrieval always. Returns a flat dict of numbers:
-    ``score``, ``retrieval_i2t_R@K``, ``retrieval_t2i_R@K``, ``zeroshot_mean_auc`` (when available).
+    Zero-shot runs with the prompt set ``cfg.eval.prompts`` resolves to for the manifest's classes
+    (:func:`medclipin.train.preflight.eval_prompts`); retrieval always. Everything validation will need is
+    checked here, before training: prompt classes the manifest lacks, or a validate split none of whose
+    records can be used, are a one-line :class:`~medclipin.train.preflight.PreflightError` now rather than a
+    failure at the first validation. Returns a flat dict of numbers: ``score``, ``retrieval_i2t_R@K``,
+    ``retrieval_t2i_R@K``, ``zeroshot_mean_auc`` (when available).
     """
+    from medclipin.train.preflight import check_box_classes, check_validation_records, eval_prompts, label_names_of
+
     records = list(records)
     if not records:
+        if cfg.train.validate_every:
+            log.info("no validate split in %s: no validation (train.validate_every=%d has nothing to score)",
+                     cfg.data.manifest, cfg.train.validate_every)
         return None
+    check_validation_records(records, cfg.data.text.sections, cfg.data.cache, cfg.data.manifest)
     from medclipin.eval.embeddings import EmbeddingStore
     from medclipin.eval.evaluate import retrieval, zero_shot
-    from medclipin.eval.zeroshot import load_prompts
 
-    prompts = load_prompts(cfg.eval.prompts) if cfg.eval.prompts else None
+    prompts = eval_prompts(cfg.eval.prompts, label_names_of(records), cfg.data.manifest)
+    check_box_classes(records, prompts, cfg.data.manifest)
 
     def validate(model, processor, step: int) -> dict:
         # a fresh store per call: embeddings are cached by weight fingerprint, which changes every step
@@ -53,10 +63,10 @@ def build_validate_fn(cfg: Config, records: Sequence[Record]) -> Callable | None
                     result[f"retrieval_{short}_{key}"] = float(value)
         if prompts is not None and metrics["zeroshot"].get("mean_auc") is not None:
             result["zeroshot_mean_auc"] = float(metrics["zeroshot"]["mean_auc"])
-        if store.rejected:  # named once in the log; the run goes on without them
+        if store.rejected:  # counted, not named (paths can hold identifiers): the run goes on without them
             result["unreadable_images"] = float(len(store.rejected))
-            for path, reason in sorted(store.rejected.items()):
-                log.warning("validation: skipping unreadable image %s: %s", path, reason)
+            log.warning("validation: skipping %d unreadable image(s) of the validate split (medclipin validate "
+                        "--all names them)", len(store.rejected))
         return result
 
     # the numbers every call returns (metrics.csv reserves a column for each)

@@ -18,10 +18,31 @@ from medclipin.data.synthetic.writers import DicomWriter, write_png
 from medclipin.errors import MedclipinError
 
 _METADATA_FILE = "synthetic.json"
+# written before the first file of a generation and kept: a folder with it is this generator's (an interrupted
+# generation when synthetic.json is missing), whose own files may be replaced; any other non-empty folder is
+# the user's and is refused
+_STARTED_FILE = ".medclipin-synthetic"
 
 
 class SyntheticDatasetError(MedclipinError, FileExistsError):
-    """The output folder holds a synthetic dataset made with other parameters (and overwrite is False)."""
+    """The output folder holds a synthetic dataset made with other parameters (and overwrite is False), or
+    files that this generator did not write."""
+
+
+class SyntheticSettingsError(MedclipinError, ValueError):
+    """A generation setting out of range (patients, image size, a fraction)."""
+
+
+def _check_folder_is_ours(out_dir: Path) -> None:
+    """Refuse a non-empty folder that holds neither a synthetic dataset nor an interrupted generation: the
+    generator writes ``manifest.csv``, ``labels.csv``, ``png/`` ... and must never replace the user's."""
+    if not out_dir.is_dir() or (out_dir / _METADATA_FILE).is_file() or (out_dir / _STARTED_FILE).is_file():
+        return
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise SyntheticDatasetError(f"{out_dir}: not empty and not a synthetic dataset ({shown}); its files are "
+                                    "left alone: choose a new or empty folder")
 
 
 def _parameters(n_patients: int, image_size: int, seed: int, loose_fraction: float = 0.0,
@@ -206,19 +227,27 @@ def generate_synthetic_dataset(
     Raises:
         SyntheticDatasetError: ``out_dir`` holds a complete dataset with other parameters and
             ``overwrite`` is False.
-        ValueError: ``n_patients`` < 1, ``image_size`` < 64, or a fraction outside [0, 1].
+        SyntheticDatasetError: ``out_dir`` is not empty and holds neither a synthetic dataset nor an
+            interrupted generation (the user's files are never replaced).
+        SyntheticSettingsError: ``n_patients`` < 1, ``image_size`` < 64, or a fraction outside [0, 1].
     """
     if n_patients < 1:
-        raise ValueError(f"n_patients must be at least 1, got {n_patients}")
+        raise SyntheticSettingsError(f"n_patients must be at least 1, got {n_patients}")
     if image_size < 64:
-        raise ValueError(f"image_size must be at least 64 pixels, got {image_size}")
-    loose_fraction = check_fraction("loose_fraction", loose_fraction)
-    repetitive_fraction = check_fraction("repetitive_fraction", repetitive_fraction)
+        raise SyntheticSettingsError(f"image_size must be at least 64 pixels, got {image_size}")
+    try:
+        loose_fraction = check_fraction("loose_fraction", loose_fraction)
+        repetitive_fraction = check_fraction("repetitive_fraction", repetitive_fraction)
+    except ValueError as exc:
+        raise SyntheticSettingsError(str(exc)) from None
     out_dir = Path(out_dir)
     params = _parameters(n_patients, image_size, seed, loose_fraction, repetitive_fraction)
     existing = _existing_manifest(out_dir, params, overwrite)
     if existing is not None:
         return existing
+    _check_folder_is_ours(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / _STARTED_FILE).touch()
     _clear_own_files(out_dir)  # also tidies an interrupted run's leftovers
     noisy = bool(loose_fraction or repetitive_fraction)
     dicom_records, png_records, label_rows, train_reports = _write_studies(
