@@ -93,7 +93,7 @@ def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
 
     model_cfg = json.loads(json.dumps(model.spec.image_encoder.kwargs["model_cfg"]))
     if model.kind == "siglip":
-        model_cfg["init_logit_bias"] = float(model.logit_bias)
+        model_cfg["init_logit_bias"] = model.logit_bias.item()
     else:
         model_cfg.pop("init_logit_bias", None)
     state = {f"{k}": v for k, v in model.image_encoder.state_dict().items()}
@@ -195,7 +195,7 @@ def _write_open_clip_timm_hf(model, processor, folder: Path, final: Path) -> Non
                      "context_length": int(processor.text_cfg.max_length)},
     }
     if model.kind == "siglip":
-        model_cfg["init_logit_bias"] = float(model.logit_bias)
+        model_cfg["init_logit_bias"] = model.logit_bias.item()
         state["logit_bias"] = model.logit_bias.detach().reshape(())
     # open_clip builds the HF text model from hf_model_name's config.json and tokenizer: the folder carries both
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
@@ -228,7 +228,7 @@ def _write_hf(model, processor, folder: Path, final: Path) -> None:
         raise ExportError("a SigLIP-trained model has a logit bias that transformers' CLIPModel cannot hold; "
                           "export it with --format open_clip")
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=model.embed_dim,
-                        logit_scale_init_value=float(model.logit_scale))
+                        logit_scale_init_value=model.logit_scale.item())
     config.architectures = ["CLIPModel"]
     (folder / "config.json").write_text(config.to_json_string())
     _save(state, folder / "model.safetensors")
