@@ -61,14 +61,15 @@ class ImageEncoder(ImageTower):
         self.weights = source.spec
         # One-channel input natively (timm adapts the stem, summing pretrained RGB filters) where the
         # architecture takes ``in_chans``; otherwise a 3-channel model is built and the input replicated.
+        accepts = _timm_constructor_arguments(timm, cfg.name, kwargs)
         self.replicate_channels = 1
-        try:
-            self.model = self._create(timm, cfg, source.pretrained, {**kwargs, "in_chans": in_chans}, image_size)
-        except TypeError as exc:
-            if "in_chans" not in str(exc) or in_chans == 3:
-                raise
-            self.model = self._create(timm, cfg, source.pretrained, kwargs, image_size)
+        if "in_chans" in accepts or in_chans == 3:
+            kwargs["in_chans"] = in_chans
+        else:
             self.replicate_channels = 3 // in_chans
+        if "img_size" in accepts:  # ViT-style models size (or resample) their position embeddings for it
+            kwargs["img_size"] = image_size
+        self.model = self._create(timm, cfg, source.pretrained, kwargs)
         self.in_chans = in_chans
         self.image_size = int(image_size)
         self.out_dim = int(self.model.num_features)
@@ -87,16 +88,11 @@ class ImageEncoder(ImageTower):
         freeze_timm_lower(self.model, n_layers)
 
     @staticmethod
-    def _create(timm, cfg: ImageEncoderConfig, pretrained: bool, kwargs: dict[str, Any], image_size: int) -> nn.Module:
-        """``timm.create_model``; ``img_size`` is passed where the architecture takes it (ViT-style), and a
-        failure to get pretrained weights becomes an :class:`EncoderLoadError` naming what was tried."""
+    def _create(timm, cfg: ImageEncoderConfig, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        """``timm.create_model``; a failure to get pretrained weights becomes an :class:`EncoderLoadError`
+        naming what was tried."""
         try:
-            try:
-                return timm.create_model(cfg.name, pretrained=pretrained, **{"img_size": image_size, **kwargs})
-            except TypeError as exc:  # CNNs and others take no img_size
-                if "img_size" not in str(exc):
-                    raise
-                return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
+            return timm.create_model(cfg.name, pretrained=pretrained, **kwargs)
         except (TypeError, WeightsError):
             raise
         except Exception as exc:  # timm raises several types for offline/unknown weights
@@ -151,6 +147,21 @@ class ImageEncoder(ImageTower):
         return timm_gradcam_layer(self.model, self.image_size, self.MIN_CAM_SIDE)
 
 
+def _timm_constructor_arguments(timm, name: str, kwargs: dict[str, Any]) -> set[str]:
+    """The keyword arguments ``name``'s model class takes, read from its signature: the architecture is built
+    once on the ``meta`` device (no memory, no weights) to find its class. An unknown name or a wrong
+    keyword in ``kwargs`` is left for the real build to report."""
+    import inspect
+
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items()
+                                                                  if k != "pretrained_cfg_overlay"})
+    except Exception:  # noqa: BLE001 - reported, with its hint, by ImageEncoder._create
+        return set()
+    return set(inspect.signature(type(probe).__init__).parameters)
+
+
 def freeze_timm_lower(model: nn.Module, n_layers: int) -> None:
     """Freeze the stem and the first ``n_layers`` stages/blocks of a timm model, in timm's own grouping
     (``group_matcher``)."""
@@ -203,15 +214,33 @@ def timm_gradcam_layer(model: nn.Module, image_size: int, min_side: int = ImageE
     raise NotImplementedError(f"no Grad-CAM layer known for {type(model).__name__}")
 
 
-def _model_from_config(config):
-    """A randomly initialised HF encoder with SDPA attention and, where the architecture has one, no pooler
-    (we pool ourselves; an unused pooler would only add parameters without gradients)."""
+def _hf_build_arguments(config) -> dict:
+    """No pooler where the architecture has one (we pool ourselves; an unused pooler only adds parameters
+    without gradients) and SDPA attention where it supports it: read from the model class ``AutoModel`` maps
+    ``config`` to (its constructor's signature, its ``_supports_sdpa``), not by trying and catching."""
+    import inspect
+
     from transformers import AutoModel
 
     try:
-        return AutoModel.from_config(config, add_pooling_layer=False, attn_implementation="sdpa")
-    except TypeError:
-        return AutoModel.from_config(config, attn_implementation="sdpa")
+        model_class = AutoModel._model_mapping[type(config)]
+    except KeyError:
+        model_class = None
+    if model_class is None:  # remote code or an architecture AutoModel does not map: its own defaults
+        return {}
+    arguments = {}
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        arguments["add_pooling_layer"] = False
+    if getattr(model_class, "_supports_sdpa", False):
+        arguments["attn_implementation"] = "sdpa"
+    return arguments
+
+
+def _model_from_config(config):
+    """A randomly initialised HF encoder (:func:`_hf_build_arguments`)."""
+    from transformers import AutoModel
+
+    return AutoModel.from_config(config, **_hf_build_arguments(config))
 
 
 @contextlib.contextmanager
@@ -234,7 +263,7 @@ def _quiet_transformers():
 def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
     """``AutoModel.from_pretrained`` from a local folder or (online) a hub name, without a pooler and with
     SDPA attention where the architecture supports them; a clear :class:`EncoderLoadError` otherwise."""
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     local = Path(os.path.expanduser(name_or_path))
     if local.is_dir() and not (local / "config.json").is_file():
@@ -242,27 +271,25 @@ def _model_from_pretrained(name_or_path: str, trust_remote_code: bool = False):
             f"text encoder: cannot load {name_or_path!r}: the local folder holds no loadable from_pretrained model "
             "(no config.json)"
         )
-    attempts = ({"add_pooling_layer": False, "attn_implementation": "sdpa"}, {"attn_implementation": "sdpa"}, {})
-    last: Exception | None = None
-    for extra in attempts:
-        try:
-            with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
-                return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
-        except (TypeError, ValueError) as exc:  # no add_pooling_layer argument / no SDPA support
-            last = exc
-        except OSError as exc:
-            local = Path(os.path.expanduser(name_or_path)).exists()
-            offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-                          for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-            if local:
-                reason = "the local folder holds no loadable from_pretrained model (config.json + weights)"
-            elif offline:
-                reason = ("not a local folder, and running offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) forbids "
-                          "the hub: download it once online, or pass a local from_pretrained folder")
-            else:
-                reason = "not a local folder and not reachable on the hub"
-            raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {reason} ({exc})") from exc
-    raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {last}") from last
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with _quiet_transformers():  # its load report lists the pooler we leave out on purpose
+            return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                             **_hf_build_arguments(config))
+    except ValueError as exc:  # an architecture transformers does not know, a config it cannot read
+        raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {exc}") from None
+    except OSError as exc:
+        local = Path(os.path.expanduser(name_or_path)).exists()
+        offline = any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+        if local:
+            reason = "the local folder holds no loadable from_pretrained model (config.json + weights)"
+        elif offline:
+            reason = ("not a local folder, and running offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE) forbids "
+                      "the hub: download it once online, or pass a local from_pretrained folder")
+        else:
+            reason = "not a local folder and not reachable on the hub"
+        raise EncoderLoadError(f"text encoder: cannot load {name_or_path!r}: {reason} ({exc})") from exc
 
 
 @register_text_tower("hf")
