@@ -95,7 +95,7 @@ def parse_base(spec: str, weights: str = "") -> BaseSpec:
 
 
 # what a training config may set on a base's towers (how they train, not what they are)
-TRAINING_SETTINGS = ("freeze", "freeze_layers", "grad_checkpointing")
+TRAINING_SETTINGS = ("freeze", "freeze_layers", "grad_checkpointing", "train_fp32")
 
 
 def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | None = None, fresh_heads: bool = False,
@@ -123,7 +123,8 @@ def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | Non
         raise BaseError(f"{base}: cannot load ({type(exc).__name__}: {first})") from None
     for tower_cfg, training in ((parts.image_cfg, image_training), (parts.text_cfg, text_training)):
         for name in TRAINING_SETTINGS if training is not None else ():
-            setattr(tower_cfg, name, getattr(training, name))
+            if hasattr(training, name) and hasattr(tower_cfg, name):
+                setattr(tower_cfg, name, getattr(training, name))
     return _assemble(parts, pre_dim=pre_dim, kind=kind, fresh_heads=fresh_heads,
                      siglip_init_logit_bias=siglip_init_logit_bias, max_logit_scale=max_logit_scale, seed=seed)
 

@@ -116,11 +116,21 @@ class OpenClipImageTower(ImageTower):
         self.out_dim = width
         self.in_chans = 3
         self.image_size = int(image_size)
+        # convolutional towers run channels-last and may train in fp32, as the timm family's do (encoders.py)
+        self.channels_last = self._vit() is None
+        if self.channels_last:
+            self.visual.to(memory_format=torch.channels_last)
+        self.train_fp32 = cfg.train_fp32
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
         self._apply_freezing(cfg)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        if self.train_fp32 and torch.is_grad_enabled() and torch.is_autocast_enabled(image.device.type):
+            with torch.autocast(image.device.type, enabled=False):
+                return self.visual(image.float())
         return self.visual(image)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

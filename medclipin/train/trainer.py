@@ -143,8 +143,8 @@ _LOADED_BASES: dict[tuple, tuple] = {}
 
 def _base_key(cfg: Config) -> tuple:
     m = cfg.model
-    towers = tuple(getattr(t, name) for t in (m.image_encoder, m.text_encoder) for name in
-                   ("freeze", "freeze_layers", "grad_checkpointing"))
+    towers = tuple(getattr(t, name, None) for t in (m.image_encoder, m.text_encoder) for name in
+                   ("freeze", "freeze_layers", "grad_checkpointing", "train_fp32"))
     return (m.base, m.base_weights, m.clipin.pre_dim if m.clipin.enabled else 0, m.contrastive.kind,
             m.base_fresh_heads, cfg.train.seed, towers)
 
