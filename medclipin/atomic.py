@@ -156,3 +156,14 @@ def check_output_file(path: str | os.PathLike) -> Path:
         raise OutputPathError(f"{path}: cannot be made: {existing} is a file")
     _probe_writable(existing, path)
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (manifests a run or a report reads, named with their hash)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

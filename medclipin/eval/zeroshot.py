@@ -12,7 +12,6 @@ embedding is the normalised mean of the normalised embeddings of every template 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from medclipin.atomic import file_sha256  # noqa: F401 - reports name manifests by it
 from medclipin.errors import MedclipinError
 from medclipin.eval.embeddings import EmbeddingStore
 from medclipin.safe_parse import load_yaml
@@ -64,14 +64,6 @@ class PromptSet:
                                       "negative": len(self.prompts(self.negative.get(c, [])))}
                                   for c in self.class_names},
         }
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 PACKAGE_PROMPTS = Path(__file__).resolve().parents[1] / "prompts"

@@ -38,10 +38,29 @@ class TowerError(MedclipinError, ValueError):
     """A tower family is unknown or cannot build what its config asks; the message names the setting."""
 
 
-class ImageTower(nn.Module):
+class _Tower(nn.Module):
+    """What both tower kinds share: gradient checkpointing and freezing from their config section."""
+
+    section = "encoder"
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass
+
+    def _apply_freezing(self, cfg) -> None:
+        if cfg.freeze:
+            freeze(self)
+        elif cfg.freeze_layers:
+            self._freeze_lower(cfg.freeze_layers)
+
+    def _freeze_lower(self, n_layers: int) -> None:
+        raise TowerError(f"model.{self.section}.freeze_layers: not supported by {type(self).__name__}")
+
+
+class ImageTower(_Tower):
     """Base of image towers. Subclasses set ``out_dim``, ``image_size``, ``in_chans`` and implement
     ``forward``, ``gradcam_layer`` and ``_freeze_lower``."""
 
+    section = "image_encoder"
     out_dim: int
     image_size: int
     in_chans: int
@@ -55,22 +74,11 @@ class ImageTower(nn.Module):
         layer = self.gradcam_layer()[0]
         return next((name for name, module in self.named_modules() if module is layer), type(layer).__name__)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        pass
 
-    def _apply_freezing(self, cfg) -> None:
-        if cfg.freeze:
-            freeze(self)
-        elif cfg.freeze_layers:
-            self._freeze_lower(cfg.freeze_layers)
-
-    def _freeze_lower(self, n_layers: int) -> None:
-        raise TowerError(f"model.image_encoder.freeze_layers: not supported by {type(self).__name__}")
-
-
-class TextTower(nn.Module):
+class TextTower(_Tower):
     """Base of text towers. Subclasses set ``out_dim`` and implement ``forward``."""
 
+    section = "text_encoder"
     out_dim: int
 
     @property
@@ -82,18 +90,6 @@ class TextTower(nn.Module):
         """An exact Hugging Face config of the text model, saved beside the weights (None: the tower's own
         config section is enough to rebuild it)."""
         return None
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        pass
-
-    def _apply_freezing(self, cfg) -> None:
-        if cfg.freeze:
-            freeze(self)
-        elif cfg.freeze_layers:
-            self._freeze_lower(cfg.freeze_layers)
-
-    def _freeze_lower(self, n_layers: int) -> None:
-        raise TowerError(f"model.text_encoder.freeze_layers: not supported by {type(self).__name__}")
 
 
 def freeze(module: nn.Module) -> None:

@@ -27,7 +27,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from medclipin.atomic import check_output_dir
+from medclipin.atomic import check_output_dir, file_sha256
 from medclipin.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, save_config
 from medclipin.errors import MedclipinError
 
@@ -240,17 +240,6 @@ def check_resume_config(run_dir: str | os.PathLike, cfg: Config) -> None:
             f"{path}: resuming would change the run's math ({listed}{more}). Resume with the run's own settings, "
             f"or continue from a checkpoint in a new folder (--resume {Path(run_dir) / 'checkpoints' / 'step_N'} "
             "--out NEW_FOLDER)")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes (the manifest a run reads, kept in every checkpoint)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_resume_state(run_dir: str | os.PathLike, checkpoint: Path, state: dict, cfg: Config,

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from medclipin.atomic import atomic_open
+from medclipin.atomic import atomic_open, file_sha256
 from medclipin.config import Config, ConfigError, config_to_dict
 from medclipin.errors import MedclipinError
 from medclipin.data.dataset import ImageTextDataset, TextImageCollator, select_usable
@@ -399,7 +399,7 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
         raise RunSetupError(f"train.batch_size={global_batch} must be divisible by the {dist_info.world_size} processes")
     _check_enough_records(cfg, manifest, train_records, global_batch)
     start_path = _resolve_start(run_dir, resume)
-    manifest_sha256 = run_folder.file_sha256(cfg.data.manifest)
+    manifest_sha256 = file_sha256(cfg.data.manifest)
     saved_state = ckpt.load_training_state(start_path) if start_path is not None else None
     if saved_state is not None:
         run_folder.check_resume_state(run_dir, start_path, saved_state, cfg, manifest_sha256)
