@@ -371,3 +371,18 @@ def test_a_siglip_clipin_run_on_a_base_resumes_exactly(tmp_path, eval_data):
 
     model, _ = load(run)
     assert model.kind == "siglip" and model.logit_bias is not None
+
+
+def test_the_training_benchmark_times_an_imported_clip_against_open_clips_own_step(tmp_path):
+    """`medclipin bench train` with model.base: medclipin's step and open_clip's on the very same model."""
+    from medclipin.bench.train import run_train_benchmark
+    from medclipin.config import load_config
+
+    _tiny_open_clip_folder(tmp_path / "base")
+    cfg = load_config("tiny_clip", [f"model.base=open_clip:local-dir:{tmp_path / 'base'}", "train.batch_size=4",
+                                    "train.precision=fp32", "data.text.max_length=16"])
+    result = run_train_benchmark(cfg, steps=2, warmup=1, contenders=("clip", "open_clip"), device="cpu",
+                                 measure_peak=False)
+    contenders = result["contenders"]
+    assert contenders["clip"]["params"] == contenders["open_clip"]["params"]  # the same model, to the parameter
+    assert result["clip_vs_open_clip"] > 0 and result["image_size"] == 64

@@ -93,7 +93,12 @@ def text_hf_config(cfg: Config):
 
 
 def vocab_size(cfg: Config) -> int:
-    """The text tower's vocabulary: the configured WordPiece size, or a pretrained tower's own."""
+    """The text tower's vocabulary: the configured WordPiece size, a pretrained tower's own, or a base
+    CLIP's tokenizer's (``model.base``)."""
+    if cfg.model.base:
+        from medclipin.train.trainer import load_configured_base
+
+        return len(load_configured_base(cfg)[1].tokenizer)
     return int(text_hf_config(cfg).vocab_size)
 
 
@@ -132,8 +137,13 @@ def build_medclipin_contender(name: str, cfg: Config, device: torch.device, prec
     mcfg = _model_config(cfg, clipin)
     resolve_normalization(mcfg)
     torch.manual_seed(seed)
-    net = MedClipModel.from_config(mcfg.model, mcfg.data.image.size, mcfg.data.image.channels,
-                                   vocab_size=vocab_size(cfg))
+    if mcfg.model.base:  # an imported CLIP (open_clip / HF), with the config's objective on top
+        from medclipin.train.trainer import load_configured_base
+
+        net = copy.deepcopy(load_configured_base(mcfg)[0]).train()
+    else:
+        net = MedClipModel.from_config(mcfg.model, mcfg.data.image.size, mcfg.data.image.channels,
+                                       vocab_size=vocab_size(cfg))
     model = TrainingObjective(net, mcfg.model).to(device)
     model.train()
     optimizer = build_optimizer(model, mcfg.train, device, lrs=tower_learning_rates(net, mcfg.train))
@@ -158,7 +168,8 @@ def build_medclipin_contender(name: str, cfg: Config, device: torch.device, prec
 
     c.step, c.loss_backward = step, loss_backward
     c.info = _contender_info("medclipin MedClipModel + train.objective.TrainingObjective + train.optim.build_optimizer"
-                             " + train.step.TrainStep", model, optimizer, net.image_encoder.model, net.text_encoder.model)
+                             " + train.step.TrainStep", model, optimizer, _tower_module(net.image_encoder),
+                             _tower_module(net.text_encoder))
     return c
 
 
@@ -168,6 +179,42 @@ def open_clip_available() -> bool:
     except Exception:  # ImportError, or a broken optional dependency
         return False
     return True
+
+
+def _tower_module(tower: nn.Module) -> nn.Module:
+    """The library model inside a tower (timm model, HF model, open_clip module), for the attention report."""
+    for name in ("model", "visual", "text", "vision_model", "text_model"):
+        inner = getattr(tower, name, None)
+        if isinstance(inner, nn.Module):
+            return getattr(inner, "trunk", None) or getattr(inner, "transformer", None) or inner
+    return tower
+
+
+def build_open_clip_base(cfg: Config) -> nn.Module:
+    """open_clip's own model of ``model.base`` (an ``open_clip:`` spec), loaded as open_clip loads it, with the
+    config's frozen layers frozen the same way as medclipin freezes them."""
+    import open_clip
+
+    from medclipin.models.bases import LOCAL_DIR, _load_into_open_clip, parse_base
+
+    base = parse_base(cfg.model.base, cfg.model.base_weights)
+    if base.library != "open_clip":
+        raise ValueError(f"model.base={cfg.model.base}: the open_clip contender needs an open_clip: base")
+    if base.local_dir:
+        model = open_clip.create_model(f"{LOCAL_DIR}{base.name}", pretrained_text=False)
+    else:
+        model = open_clip.create_model(base.name)
+        if base.weights != "random":
+            _load_into_open_clip(model, base.weights)
+    from medclipin.train.trainer import load_configured_base
+
+    frozen = {name for name, p in load_configured_base(cfg)[0].named_parameters() if not p.requires_grad}
+    for name, parameter in model.named_parameters():  # the same tensors, named as open_clip names them
+        ours = (f"image_encoder.{name}" if name.startswith("visual.") else
+                f"text_encoder.{name}" if name.startswith("text.") else f"text_encoder.text.{name}")
+        if ours in frozen:
+            parameter.requires_grad_(False)
+    return model
 
 
 def build_open_clip_model(cfg: Config) -> nn.Module:
@@ -241,7 +288,7 @@ def build_open_clip_contender(cfg: Config, device: torch.device, precision: str,
     from open_clip.loss import ClipLoss
 
     torch.manual_seed(seed)
-    model = build_open_clip_model(cfg).to(device)
+    model = (build_open_clip_base(cfg) if cfg.model.base else build_open_clip_model(cfg)).to(device)
     model.train()
     forward = torch.compile(model) if cfg.train.compile else model
     loss_fn = ClipLoss()
@@ -250,6 +297,10 @@ def build_open_clip_contender(cfg: Config, device: torch.device, precision: str,
                                   eps=1e-6)
     batch = synthetic_batch(cfg, device, two_views=False, seed=seed + 1)
     images, texts = batch["image"], batch["input_ids"]
+    context = getattr(model, "context_length", None)
+    if context and getattr(model, "attn_mask", None) is not None and texts.shape[1] < context:
+        # open_clip's causal text tower takes exactly its context (77 tokens), padded; medclipin's cuts the mask
+        texts = torch.nn.functional.pad(texts, (0, context - texts.shape[1]))
     c = Contender("open_clip", model, lambda: None, lambda: None, optimizer)
 
     def lr_at(step: int) -> float:  # open_clip_train.scheduler.cosine_lr
@@ -283,8 +334,8 @@ def build_open_clip_contender(cfg: Config, device: torch.device, precision: str,
     import open_clip
 
     c.info = _contender_info(
-        f"open_clip {open_clip.__version__} CustomTextCLIP(TimmModel, HFTextEncoder) + open_clip.loss.ClipLoss",
-        model, optimizer, model.visual.trunk, model.text.transformer)
+        f"open_clip {open_clip.__version__} {type(model).__name__} + open_clip.loss.ClipLoss", model, optimizer,
+        getattr(model.visual, "trunk", model.visual), getattr(getattr(model, "text", None), "transformer", model))
     return c
 
 
@@ -319,7 +370,8 @@ def _timm_fused_attn(tower: nn.Module):
 
 
 def _hf_attn(hf_model: nn.Module):
-    return getattr(hf_model.config, "_attn_implementation", None)
+    config = getattr(hf_model, "config", None)  # None for towers that are not Hugging Face models
+    return getattr(config, "_attn_implementation", None)
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -520,6 +572,11 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         peak_max_n: largest matmul side for the peak (default: CPU 2048, CUDA 8192; tests use small).
     """
     say = progress or (lambda message: None)
+    if cfg.model.base:  # the base's image and text settings, as a training run takes them
+        from medclipin.train.trainer import apply_base_settings
+
+        cfg = copy.deepcopy(cfg)
+        apply_base_settings(cfg)
     device = resolve_device(cfg.train.device if device is None else str(device))
     precision = resolve_precision(cfg.train.precision, device)
     if cfg.train.threads > 0:
