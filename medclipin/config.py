@@ -204,9 +204,10 @@ class XclipConfig:
 @dataclass
 class ModelConfig:
     # A whole pretrained CLIP to start from (models/bases.py): "open_clip:<arch>" (weights in base_weights),
-    # "open_clip:local-dir:<folder>", "hf:<folder>" (a transformers CLIPModel folder), or a medclipin model
-    # folder. It replaces both towers, their projections, the temperature and the processor's image and
-    # text settings; empty = towers from image_encoder / text_encoder.
+    # "open_clip:local-dir:<folder>", "hf:<folder>" (a transformers CLIPModel folder); a medclipin model is
+    # continued with train.init_from instead. It replaces both towers (their freeze settings still apply), their
+    # projections, the temperature and the processor's image and text settings; empty = towers from
+    # image_encoder / text_encoder.
     base: str = ""
     base_weights: str = ""  # open_clip:<arch>: an OpenAI TorchScript archive, epoch_N.pt, .safetensors; "random"
     # true: the base's towers with new projections and temperature (the reference code's choice)

@@ -104,19 +104,19 @@ def load_base(spec: str, weights: str = "", *, pre_dim: int = 0, kind: str | Non
     """``(MedClipModel, Processor)`` of a base CLIP (see the module docstring for the specs).
 
     Args:
-        pre_dim: width of a CLIPin shared pre-projector to insert (0: none); must be >= the tower width
-            for the model to start exactly at the base.
+        pre_dim: width of a CLIPin shared pre-projector to insert (0: none); at least the rank of the base's
+            projection (at most the joint width) for the model to start exactly at the base.
         kind: ``clip`` or ``siglip`` objective (default: the base's own; a CLIP base gets a SigLIP bias of
             ``siglip_init_logit_bias``).
         fresh_heads: new (random) projections, pre-projectors and temperature instead of the base's.
-        seed: seeds the pre-projector's random isometry.
+        seed: seeds the pre-projector's random directions.
         image_training, text_training: tower configs whose ``freeze`` / ``freeze_layers`` /
-            ``grad_checkpointing`` apply to the base's towers (a training config's towers).
+            ``grad_checkpointing`` / ``train_fp32`` apply to the base's towers (a training config's towers).
     """
     base = parse_base(spec, weights)
     try:
         parts = _open_clip_parts(base) if base.library == "open_clip" else _hf_parts(base)
-    except (BaseError, MedclipinError):
+    except MedclipinError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -343,7 +343,8 @@ def pre_projector_start(weight: torch.Tensor, pre_dim: int, seed: int) -> torch.
     that ``(weight Mᵀ) M = weight``: the pre-projector starts as ``M``, the projection as ``weight Mᵀ``.
 
     ``pre_dim >= width``: a random isometry (``MᵀM = I``). Narrower: the row space of ``weight`` (its rank is
-    at most the joint width) completed with random directions. Float64; ``None`` of nothing fits."""
+    at most the joint width) completed with random directions. Float64; ``None`` if ``pre_dim`` is below
+    that rank."""
     generator = torch.Generator().manual_seed(seed)
     width = weight.shape[1]
     if pre_dim >= width:
