@@ -11,7 +11,7 @@ import torch
 
 from medclipin.bench import train as bench_train
 from medclipin.bench.eval import run_eval_benchmark
-from medclipin.bench.flops import count_flops, matmul_peak, vit_flops_estimate
+from medclipin.bench.flops import count_flops, count_flops_by_dtype, matmul_peak, mfu, vit_flops_estimate
 from medclipin.config import load_config
 
 TINY = [
@@ -45,7 +45,8 @@ def test_train_benchmark_all_contenders(tiny_cfg, tmp_path):
     for name in expected:
         c = saved["contenders"][name]
         assert len(c["step_times_s"]) == 2
-        assert c["samples_per_s"] > 0 and c["flops_per_sample"] > 0 and c["mfu"] > 0
+        assert c["samples_per_s"] > 0 and c["flops_per_sample"] > 0
+        assert (c["mfu"] is None and c["mfu_note"]) or 0 < c["mfu"] <= 1
         assert c["peak_memory_bytes"] > 0
         assert c["attention"]["text_attn_implementation"] == "sdpa"
         assert c["attention"]["image_fused_attn"] is True
@@ -109,6 +110,66 @@ def test_flop_count_of_the_cnn_towers_depthwise_convolutions_is_their_real_work(
         conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
         multiply_adds = 2 * 16 * 12 * 12 * 9 * (16 // groups)  # batch × out channels × pixels × kernel × in/group
         assert count_flops(lambda: conv(x)) == 2 * multiply_adds
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_flop_count_of_a_convolutions_backward_is_twice_its_forward(groups):
+    """grad_input and grad_weight each cost one forward, grouped or not. torch's own formula multiplies the
+    weight gradient of a grouped convolution by ``groups`` (x16 here): MFU above 1 on the demo's
+    EfficientNet came from that."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    forward = count_flops(lambda: conv(x))
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+
+
+def test_flop_count_of_the_demo_cnn_tower_backward_is_at_most_twice_its_forward():
+    """The demo's image tower (EfficientNet-Lite0: depthwise convolutions everywhere), random weights."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, in_chans=1)
+    x = torch.randn(2, 1, 64, 64)
+    forward = count_flops(lambda: model(x))
+    both = count_flops(lambda: model(x).sum().backward())
+    assert forward < both <= 3 * forward
+
+
+def test_flops_are_split_by_the_dtype_they_ran_in():
+    """Under bf16 autocast, a layer run with autocast off (``train_fp32``) is counted as fp32 work."""
+    linear, conv = torch.nn.Linear(64, 64), torch.nn.Conv2d(8, 8, 3, groups=8)
+    x, y = torch.randn(4, 64), torch.randn(2, 8, 10, 10)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear(x).sum().backward()
+            with torch.autocast("cpu", enabled=False):
+                conv(y).sum().backward()
+
+    split = count_flops_by_dtype(step)
+    assert split == {"bfloat16": 2 * (2 * 4 * 64 * 64), "float32": 2 * (2 * 2 * 8 * 8 * 8 * 9)}
+    assert count_flops(step) == sum(split.values())
+
+
+def test_mfu_weighs_each_dtype_by_its_own_peak_and_never_exceeds_one():
+    peaks = {"float32": 100.0, "bfloat16": 400.0}
+    value, note = mfu({"bfloat16": 400, "float32": 100}, 4.0, peaks, "bfloat16")  # ideal 1 s + 1 s, took 4 s
+    assert value == pytest.approx(0.5) and note is None
+    value, note = mfu({"unknown": 200}, 1.0, peaks, "bfloat16")  # charged at the run's precision
+    assert value == pytest.approx(0.5)
+    value, note = mfu({"float32": 300}, 1.0, peaks, "bfloat16")  # 3x what the fp32 peak allows
+    assert value is None and "no MFU" in note
+    assert mfu({"float32": 0}, 1.0, peaks, "float32")[0] is None
+    assert mfu({"float32": 10}, float("nan"), peaks, "float32")[0] is None
+
+
+def test_train_benchmark_reports_no_mfu_above_one(tiny_cfg, tmp_path, monkeypatch):
+    """With a peak far below what the steps achieve, every contender's MFU is withheld with its reason."""
+    monkeypatch.setattr(bench_train, "matmul_peak",
+                        lambda dtype, device, max_n=None: {"dtype": str(dtype), "n": 1, "seconds": 1.0,
+                                                           "flops_per_s": 1.0})
+    result = bench_train.run_train_benchmark(tiny_cfg, None, steps=1, warmup=0, contenders=("clip",))
+    assert result["mfu"] == {"clip": None} and "no MFU" in result["mfu_notes"]["clip"]
+    assert result["contenders"]["clip"]["flops_by_dtype"]
 
 
 def test_matmul_peak_small():

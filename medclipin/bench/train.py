@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medclipin.bench.flops import count_flops, matmul_peak, synchronize
+from medclipin.bench.flops import count_flops_by_dtype, matmul_peak, mfu, synchronize
 from medclipin.config import Config, config_to_dict
 from medclipin.train.distributed import DistInfo
 from medclipin.train.optim import build_optimizer, build_scheduler
@@ -452,13 +452,19 @@ def _time_rounds(built: list[Contender], device: torch.device, warmup: int, step
             sampler.stop()
 
 
-def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_flops: float | None) -> dict:
-    """Per-contender medians, rates, MFU and memory, and the ratios the documentation quotes."""
+def _summarise(built: list[Contender], cfg: Config, device: torch.device, peaks: dict[str, float],
+               precision_dtype: str) -> dict:
+    """Per-contender medians, rates, MFU and memory, and the ratios the documentation quotes.
+
+    ``peaks``: measured matmul FLOP/s per dtype name; each contender's FLOPs are charged at the peak of the
+    dtype they ran in (:func:`medclipin.bench.flops.mfu`), and an MFU above 1 is replaced by its reason."""
     result: dict = {}
     per = {}
     for c in built:
         median = statistics.median(c.times) if c.times else float("nan")
         achieved = c.info["flops_per_step"] / median if c.times else float("nan")
+        utilisation, why_not = (mfu(c.info["flops_by_dtype"], median, peaks, precision_dtype) if peaks
+                                else (None, "matmul peak not measured"))
         per[c.name] = {
             **c.info,
             "step_times_s": [round(t, 5) for t in c.times],
@@ -467,7 +473,8 @@ def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_f
             "median_step_cpu_s": statistics.median(c.cpu_times) if c.cpu_times else float("nan"),
             "samples_per_s": cfg.train.batch_size / median,
             "achieved_flops_per_s": achieved,
-            "mfu": achieved / peak_flops if peak_flops else None,
+            "mfu": utilisation,
+            **({"mfu_note": why_not} if why_not else {}),
             "peak_memory_bytes": c.peak_bytes,
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled",
             "step_memory_increase_bytes": c.peak_step_bytes,
@@ -481,6 +488,9 @@ def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_f
         result[f"{name}_samples_per_s"] = per[name]["samples_per_s"] if name in per else None
         result[f"{name}_mfu"] = per[name]["mfu"] if name in per else None
     result["mfu"] = {name: per[name]["mfu"] for name in per}
+    notes = {name: per[name]["mfu_note"] for name in per if "mfu_note" in per[name]}
+    if notes:
+        result["mfu_notes"] = notes
     if "clip" in per and "open_clip" in per:
         result["clip_vs_open_clip"] = per["clip"]["samples_per_s"] / per["open_clip"]["samples_per_s"]
     by_name = {c.name: c.times for c in built}
@@ -547,6 +557,10 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
                           "clip_grad_norm_ when train.grad_clip > 0, AdamW as open_clip_train.main builds it "
                           "(torch's default implementation), logit_scale clamp",
         "compile": bool(cfg.train.compile),
+        "mfu_method": "FLOPs of one forward + backward (FlopCounterMode, grouped-convolution weight gradients "
+                      "counted by their real work), each charged at the measured matmul peak of the dtype it "
+                      "ran in, over the median step time; not reported (mfu_notes says why) where it would "
+                      "exceed 1",
     }
 
     peaks = _matmul_peaks(device, precision, peak_max_n, say) if measure_peak else {}
@@ -575,7 +589,8 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
 
     for c in built:
         say(f"counting FLOPs of {c.name}")
-        c.info["flops_per_step"] = count_flops(c.loss_backward)
+        c.info["flops_by_dtype"] = count_flops_by_dtype(c.loss_backward)
+        c.info["flops_per_step"] = sum(c.info["flops_by_dtype"].values())
         c.info["flops_per_sample"] = c.info["flops_per_step"] / cfg.train.batch_size
 
     _time_rounds(built, device, warmup, steps, say)
@@ -590,7 +605,7 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         peak_flops = peaks[used]["flops_per_s"] if used in peaks else peak_flops
         result["peak_flops_per_s"] = peak_flops
         result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    result.update(_summarise(built, cfg, device, peak_flops))
+    result.update(_summarise(built, cfg, device, {k: v["flops_per_s"] for k, v in peaks.items()}, used))
     if out_json:
         path = Path(out_json)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         _summary(result, ["date", "precision", "batch_size", "image_size", "clip_samples_per_s",
-                          "clipin_samples_per_s", "open_clip_samples_per_s", "mfu", "clip_vs_open_clip",
+                          "clipin_samples_per_s", "open_clip_samples_per_s", "mfu", "mfu_notes", "clip_vs_open_clip",
                           "clip_vs_open_clip_paired_median", "clipin_step_vs_clip_step",
                           "clipin_step_vs_clip_step_paired_median", "clip_vs_open_clip_cpu_time",
                           "clipin_step_vs_clip_step_cpu_time", "clipin_flops_vs_clip_flops", "peak_flops_per_s",
