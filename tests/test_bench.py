@@ -232,3 +232,44 @@ def test_open_clip_model_matches_towers(tiny_cfg, pooling):
     expected = {"cls": "ClsLastHiddenStatePooler", "mean": "MeanPooler"}[pooling]
     assert type(model.text.pooler).__name__ == expected
     assert model.visual.trunk.patch_embed.proj.in_channels == tiny_cfg.data.image.channels
+
+
+def test_cli_bench_gpu_dry_run_checks_and_times_every_config(tmp_path, capsys):
+    """``bench gpu --dry-run`` (CI): the GPU script's checks and throughput run on CPU at a tiny size, for the
+    GPU config and for a ``--model`` config (the hook for the imported open_clip ViT-B/16)."""
+    from medclipin.cli import main
+
+    out = tmp_path / "gpu.json"
+    extra = Path(__file__).resolve().parents[1] / "configs" / "bench_small.yaml"
+    code = main(["bench", "gpu", "--dry-run", "--json", str(out), "--steps", "1", "--warmup", "0",
+                 "--model", str(extra)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["checks_ok"]
+    assert [c["name"].split()[0] for c in result["checks"]] == ["bf16", "fused", "collectives"]
+    assert result["checks"][2]["backend"] == "gloo"
+    runs = result["throughput"]
+    assert [Path(r["config"]).stem for r in runs] == ["bench_gpu_vitb16_bert", "bench_small"]
+    assert set(runs[1]["contenders"]) == {"clip", "clipin"}
+    for run in runs:
+        for c in run["contenders"].values():
+            assert c["samples_per_s"] > 0 and (c["mfu"] is None or 0 < c["mfu"] <= 1)
+    printed = capsys.readouterr().out
+    assert "checks passed" in printed and "samples/s" in printed
+
+
+def test_gpu_checks_fail_when_a_limit_is_missed(monkeypatch):
+    from medclipin.bench import gpu
+
+    monkeypatch.setitem(gpu.LIMITS, "adamw_max_abs_diff", -1.0)  # no difference can be below zero
+    cfg = load_config(gpu.GPU_CONFIG, gpu.DRY_RUN_OVERRIDES)
+    check = gpu.check_fused_adamw(cfg, torch.device("cpu"))
+    assert check["ok"] is False and check["values"]["adamw_max_abs_diff"] >= 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_bench_gpu_without_cuda_says_to_use_dry_run(capsys):
+    from medclipin.cli import main
+
+    assert main(["bench", "gpu"]) == 2
+    assert "--dry-run" in capsys.readouterr().err

@@ -9,6 +9,9 @@
       images/s and texts/s of embedding extraction; retrieval queries/s at 10k and 100k items.
   medclipin bench io --json io.json [--workers N] [--size PX]
       image decoding / loading throughput.
+  medclipin bench gpu [--json gpu.json] [--model CONFIG ...] [--dry-run]
+      a lent GPU in one short run: bf16 / fused AdamW / collectives checked against CPU, then samples/s and
+      MFU of configs/bench_gpu_vitb16_bert.yaml (ViT-B/16 + BERT-base); --dry-run does it all on CPU, tiny.
 """
 
 from __future__ import annotations
@@ -54,6 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
 
 
+    gpu = sub.add_parser("gpu", help="GPU checks (bf16, fused AdamW, collectives vs CPU) and ViT-B/16 throughput")
+    gpu.add_argument("--config", metavar="YAML", default=None,
+                     help="benchmark config (default: the shipped bench_gpu_vitb16_bert, ViT-B/16 + BERT-base)")
+    gpu.add_argument("--model", metavar="YAML", action="append", default=[],
+                     help="another config to time (medclipin CLIP and CLIP+CLIPin); repeatable. Hook for the "
+                          "imported open_clip ViT-B/16 (issue 22): pass the config that loads it")
+    gpu.add_argument("--json", metavar="OUT", default=None, help="write the results here")
+    gpu.add_argument("--steps", type=int, default=10, help="timed steps per contender (default 10)")
+    gpu.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    gpu.add_argument("--contenders", default="clip,clipin,open_clip",
+                     help="comma-separated subset of clip,clipin,open_clip")
+    gpu.add_argument("--dry-run", action="store_true",
+                     help="everything on the CPU at a tiny size (CI; no GPU needed)")
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -66,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from medclipin.config import load_config
 
     if args.bench is None:
-        print("usage: medclipin bench {train,eval,io} ... (see medclipin bench --help)", file=sys.stderr)
+        print("usage: medclipin bench {train,eval,io,gpu} ... (see medclipin bench --help)", file=sys.stderr)
         return 2
     if args.bench == "io":
         try:
@@ -77,6 +95,19 @@ def run(args: argparse.Namespace) -> int:
         run_io_benchmark(args.json, args.workers, args.size)  # prints its own table
         print(f"wrote {args.json}", file=sys.stderr)
         return 0
+    if args.bench == "gpu":
+        from medclipin.bench.gpu import GPU_CONFIG, format_gpu_report, run_gpu_benchmark
+
+        contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
+        try:
+            result = run_gpu_benchmark(args.config or GPU_CONFIG, args.model, args.json, dry_run=args.dry_run,
+                                       steps=args.steps, warmup=args.warmup, contenders=contenders,
+                                       progress=_progress)
+        except (RuntimeError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_gpu_report(result))
+        return 0 if result["checks_ok"] else 1
     cfg = load_config(args.config, args.overrides)
     if args.bench == "train":
         from medclipin.bench.train import profile_contender, run_train_benchmark
