@@ -24,7 +24,7 @@ COMMANDS = {
     "probe": ("probe", "linear probe on frozen image features"),
     "supervised": ("supervised", "the supervised ceiling: the same image tower trained on the labels"),
     "gradcam": ("gradcam", "multimodal Grad-CAM: where the image and which words drive a match"),
-    "bench": ("bench", "benchmarks: train, eval, io, gpu"),
+    "bench": ("bench", "benchmarks: train, eval, io, demo, gpu"),
 }
 
 

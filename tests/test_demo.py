@@ -57,3 +57,49 @@ def test_demo_runs_again_into_the_same_folder_reusing_the_data(tmp_path):
     assert main(["demo", "--out", str(out), "--patients", "20", "--quiet", *TINY, "train.steps=3"]) == 0
     assert json.loads((out / "metrics.json").read_text())["train"]["steps"] == 3
     assert (out / "data" / "synthetic.json").stat().st_mtime_ns == data_stamp  # data reused, not regenerated
+
+
+def test_stage_timer_counts_exclusive_time_once_per_stage(monkeypatch):
+    """Nested stages are subtracted from their parent; a stage re-entering itself is not double-counted."""
+    from medclipin.bench import demo_profile
+
+    clock = iter(range(100))
+    monkeypatch.setattr(demo_profile.time, "perf_counter", lambda: float(next(clock)))
+    timer = demo_profile.StageTimer()
+    with timer.stage("step"):            # t=0
+        with timer.stage("forward"):     # t=1
+            with timer.stage("forward"):  # re-entered: no clock read, counted in the outer one
+                pass
+        #                                   forward ends t=2
+        timer.begin("optimiser")         # t=3 (hook pair)
+        timer.end()                      # t=4
+    #                                       step ends t=5
+    assert dict(timer.seconds) == {("step", "forward"): 1.0, ("step", "optimiser"): 1.0, ("step",): 3.0}
+    assert timer.calls[("step", "forward")] == 1
+
+
+@pytest.mark.slow
+def test_demo_profile_times_every_stage_and_adds_up(tmp_path, capsys):
+    from medclipin.cli import main
+
+    out = tmp_path / "profile.json"
+    assert main(["bench", "demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--patients", "20",
+                 "--anatomy-rounds", "1", "--json", str(out), *TINY]) == 0
+    result = json.loads(out.read_text())
+    stages = {s["stage"]: s for s in result["summary"]}
+    for name in ("synthetic data generation", "set-up: towers, tokenizer, optimiser", "first training step (warm-up)",
+                 "training step", "validation", "evaluation", "checkpoints", "learning-curve plot"):
+        assert name in stages, name
+    parts = {p["part"] for p in stages["training step"]["parts"]}
+    assert {"data loading", "image tower forward", "text tower forward", "image tower forward (no grad)",
+            "backward (both towers, heads)", "optimiser", "EMA update + clamps"} <= parts
+    assert {"zero-shot", "retrieval", "Grad-CAM"} <= {p["path"][1] for p in result["rows"]
+                                                      if p["path"][0] == "evaluation" and len(p["path"]) > 1}
+    # exclusive times add up to the run's wall time; the projection's shares to one
+    assert sum(s["seconds"] for s in result["summary"]) == pytest.approx(result["wall_s"], rel=0.02)
+    assert sum(s["projected_share"] for s in result["summary"]) == pytest.approx(1.0)
+    assert result["steps"] == 3 and result["full_steps"] == 4  # TINY's train.steps is the "full" demo here
+    anatomy = result["step_anatomy"]["median_s"]
+    assert anatomy["image tower backward"] == pytest.approx(
+        anatomy["image tower forward + backward"] - anatomy["image tower forward"])
+    assert "| **training step** |" in capsys.readouterr().out

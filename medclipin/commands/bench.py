@@ -9,6 +9,9 @@
       images/s and texts/s of embedding extraction; retrieval queries/s at 10k and 100k items.
   medclipin bench io --json io.json [--workers N] [--size PX]
       image decoding / loading throughput.
+  medclipin bench demo --out DIR [--steps 30] [--json profile.json]
+      where the demo's time goes: a shortened demo run with every stage timed (exclusive wall time, shares,
+      projection to the full demo) and each tower's forward/backward timed alone.
   medclipin bench gpu [--json gpu.json] [--model CONFIG ...] [--dry-run]
       a lent GPU in one short run: bf16 / fused AdamW / collectives checked against CPU, then samples/s and
       MFU of configs/bench_gpu_vitb16_bert.yaml (ViT-B/16 + BERT-base); --dry-run does it all on CPU, tiny.
@@ -72,6 +75,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="everything on the CPU at a tiny size (CI; no GPU needed)")
 
 
+    demo = sub.add_parser("demo", help="profile the demo end to end (stage table, shares)")
+    demo.add_argument("--out", required=True, help="the profiled demo's output folder (its data/ is reused)")
+    demo.add_argument("--steps", type=int, default=30, help="training steps of the profiled run (default 30)")
+    demo.add_argument("--patients", type=int, default=None, help="synthetic dataset size (default: the demo's)")
+    demo.add_argument("--anatomy-rounds", type=int, default=3,
+                      help="rounds timing each tower's forward/backward alone (default 3; 0 = skip)")
+    demo.add_argument("--json", metavar="OUT", default=None, help="write the results here")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted demo config overrides")
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -84,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from medclipin.config import load_config
 
     if args.bench is None:
-        print("usage: medclipin bench {train,eval,io,gpu} ... (see medclipin bench --help)", file=sys.stderr)
+        print("usage: medclipin bench {train,eval,io,demo,gpu} ... (see medclipin bench --help)", file=sys.stderr)
         return 2
     if args.bench == "io":
         try:
@@ -94,6 +107,15 @@ def run(args: argparse.Namespace) -> int:
             return 1
         run_io_benchmark(args.json, args.workers, args.size)  # prints its own table
         print(f"wrote {args.json}", file=sys.stderr)
+        return 0
+    if args.bench == "demo":
+        from medclipin.bench.demo_profile import format_profile, profile_demo, write_profile
+
+        result = profile_demo(args.out, steps=args.steps, overrides=args.overrides, patients=args.patients,
+                              anatomy_rounds=args.anatomy_rounds, progress=_progress)
+        if args.json:
+            write_profile(result, args.json)
+        print(format_profile(result))
         return 0
     if args.bench == "gpu":
         from medclipin.bench.gpu import GPU_CONFIG, format_gpu_report, run_gpu_benchmark
