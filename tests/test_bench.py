@@ -273,3 +273,28 @@ def test_cli_bench_gpu_without_cuda_says_to_use_dry_run(capsys):
 
     assert main(["bench", "gpu"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_train_benchmark_variants_are_alternated_and_compared_with_the_first(tiny_cfg):
+    """``--variant``: each contender once per config variant, in the same rounds; ratios against the first."""
+    result = bench_train.run_train_benchmark(tiny_cfg, None, steps=2, warmup=0, contenders=("clip",),
+                                             measure_peak=False,
+                                             variants={"base": [], "half": ["train.batch_size=2"]})
+    assert list(result["contenders"]) == ["clip@base", "clip@half"]
+    assert result["contenders"]["clip@half"]["batch_size"] == 2
+    half, base = result["contenders"]["clip@half"], result["contenders"]["clip@base"]
+    assert half["flops_per_sample"] == pytest.approx(base["flops_per_sample"], rel=0.05)  # per sample, not step
+    ratio = result["variant_ratios"]["clip@half / clip@base"]
+    assert ratio["samples_per_s"] == pytest.approx(half["samples_per_s"] / base["samples_per_s"])
+    assert ratio["paired_median"] > 0
+
+
+def test_cli_variant_parsing():
+    from medclipin.commands.bench import _parse_variants
+
+    assert _parse_variants(["base:", "big:data.image.size=160; train.batch_size=16"]) == {
+        "base": [], "big": ["data.image.size=160", "train.batch_size=16"]}
+    with pytest.raises(ValueError):
+        _parse_variants(["only:"])
+    with pytest.raises(ValueError):
+        _parse_variants(["a:", "a:train.steps=1"])

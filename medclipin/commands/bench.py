@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--contenders", default="clip,clipin,open_clip",
                        help="comma-separated subset of clip,clipin,open_clip")
     train.add_argument("--device", default=None, help="cpu, cuda (default: the config's train.device)")
+    train.add_argument("--variant", metavar="NAME:KEY=VALUE;...", action="append", default=[],
+                       help="build every contender once per variant (dotted overrides separated by ';', none for the "
+                            "base) and alternate them all: e.g. --variant base: --variant px160:data.image.size=160; "
+                            "ratios against the first variant")
     train.add_argument("--profile", metavar="CONTENDER", default=None,
                        help="print a torch.profiler table of this contender's steps instead of benchmarking")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -83,6 +87,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="rounds timing each tower's forward/backward alone (default 3; 0 = skip)")
     demo.add_argument("--json", metavar="OUT", default=None, help="write the results here")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted demo config overrides")
+
+
+def _parse_variants(specs: list[str]) -> dict[str, list[str]] | None:
+    """``["base:", "px160:data.image.size=160;train.batch_size=16"]`` → ``{"base": [], "px160": [...]}``."""
+    if not specs:
+        return None
+    variants = {}
+    for spec in specs:
+        name, _, overrides = spec.partition(":")
+        if not name or name in variants:
+            raise ValueError(f"--variant {spec!r}: give each variant a distinct NAME before ':'")
+        variants[name] = [o.strip() for o in overrides.split(";") if o.strip()]
+    if len(variants) < 2:
+        raise ValueError("--variant: give at least two (the first is the baseline)")
+    return variants
 
 
 def _progress(message: str) -> None:
@@ -140,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         contenders = tuple(c.strip() for c in args.contenders.split(",") if c.strip())
         try:
             result = run_train_benchmark(cfg, args.json, steps=args.steps, warmup=args.warmup, contenders=contenders,
-                                         device=args.device, config_path=args.config or "", progress=_progress)
+                                         device=args.device, config_path=args.config or "", progress=_progress,
+                                         variants=_parse_variants(args.variant))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -149,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
                           "clip_vs_open_clip_paired_median", "clipin_step_vs_clip_step",
                           "clipin_step_vs_clip_step_paired_median", "clip_vs_open_clip_cpu_time",
                           "clipin_step_vs_clip_step_cpu_time", "clipin_flops_vs_clip_flops", "peak_flops_per_s",
-                          "open_clip_note"])
+                          "open_clip_note", "variant_ratios"])
+        if args.variant:
+            for name, c in result["contenders"].items():
+                print(f"{name:<24} {c['samples_per_s']:8.2f} samples/s  median step {c['median_step_s']:.3f} s")
         return 0
     sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
     from medclipin.bench.eval import run_eval_benchmark
