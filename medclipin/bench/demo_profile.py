@@ -277,11 +277,11 @@ def step_anatomy(cfg, rounds: int = 3, seed: int = 0) -> dict:
 
 
 def _summarise(rows: list[dict], wall: float, projected: float) -> list[dict]:
-    """Per top-level stage (its inclusive time) with its parts merged by name (``text tower forward (no grad)``
-    under validation's zero-shot and retrieval is one part of validation); stages and parts by time."""
+    """Per top-level stage and its parts one level down (the training step's forwards, backward, optimiser...;
+    evaluation's zero-shot, retrieval, Grad-CAM), each with its inclusive time; stages and parts by time."""
     stages: dict[str, dict] = {}
     for r in rows:
-        top, leaf = r["path"][0], r["path"][-1] if len(r["path"]) > 1 else "(itself)"
+        top, leaf = r["path"][0], r["path"][1] if len(r["path"]) > 1 else "(itself)"
         stage = stages.setdefault(top, {"stage": top, "seconds": 0.0, "projected_s": 0.0, "parts": {}})
         stage["seconds"] += r["seconds"]
         stage["projected_s"] += r["projected_s"]
@@ -301,7 +301,7 @@ def _summarise(rows: list[dict], wall: float, projected: float) -> list[dict]:
 def format_profile(result: dict, min_share: float = 0.005) -> str:
     """The stage table as Markdown (what docs/performance.md quotes); parts under ``min_share`` of the
     projected demo are left out of the table (the JSON has them all)."""
-    lines = [f"| stage › part (exclusive) | s in the {result['steps']}-step run | share | "
+    lines = [f"| stage › part | s in the {result['steps']}-step run | share | "
              f"share projected to {result['full_steps']} steps |", "|---|---|---|---|"]
     for stage in result["summary"]:
         lines.append(f"| **{stage['stage']}** | {stage['seconds']:.1f} | {100 * stage['share']:.1f} % | "

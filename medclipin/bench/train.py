@@ -631,8 +631,8 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
 
 
 def _variant_ratios(built: list[Contender], names: list[str]) -> dict:
-    """Per contender and variant: samples/s relative to the first variant (medians, and the median of each
-    round's own ratio, robust to load drifting during the run)."""
+    """Per contender and variant: samples/s relative to the first variant (medians; the median of each
+    round's own ratio, robust to load drifting during the run; and per-sample process CPU time)."""
     by_name = {c.name: c for c in built}
     ratios: dict = {}
     for base in dict.fromkeys(c.name.split("@")[0] for c in built):
@@ -643,8 +643,12 @@ def _variant_ratios(built: list[Contender], names: list[str]) -> dict:
             rate_other = other.info["batch_size"] / statistics.median(other.times)
             paired = statistics.median((other.info["batch_size"] / b) / (first.info["batch_size"] / a)
                                        for a, b in zip(first.times, other.times))
+            # process CPU seconds per sample: with train.threads=1 the step's own work, far less moved by
+            # other jobs' load than wall time on a shared machine
+            cpu = ((statistics.median(first.cpu_times) / first.info["batch_size"])
+                   / (statistics.median(other.cpu_times) / other.info["batch_size"]))
             ratios[f"{base}@{variant} / {base}@{names[0]}"] = {"samples_per_s": rate_other / rate_first,
-                                                               "paired_median": paired}
+                                                               "paired_median": paired, "cpu_time": cpu}
     return ratios
 
 
