@@ -28,7 +28,7 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 
     torch's own formula (``torch.utils.flop_counter.conv_backward_flop``, torch 2.x) ignores ``groups`` in
     the weight gradient and so counts a depthwise convolution's weight gradient ``channels`` times over
-    (x32 to x1280 in EfficientNet): on the demo's EfficientNet-Lite0 the image tower's backward came out
+    (x32 to x1152 in EfficientNet-Lite0): on the demo's EfficientNet-Lite0 the image tower's backward came out
     39x its forward, and MFU above 1. Each of the ``groups`` groups correlates only its own
     ``C_in/groups`` input channels with its ``C_out/groups`` output channels, hence the division.
     """
