@@ -8,7 +8,7 @@ STAMP := $(VENV)/.medclipin-installed
 export HF_HUB_OFFLINE ?= 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/medclipin demo --out demo_out
 
+# On a lent CUDA machine: bf16 / fused AdamW / collectives checked against CPU, then ViT-B/16 + BERT-base
+# samples/s and MFU (a few minutes). `medclipin bench gpu --dry-run` runs the same on CPU at a tiny size.
+bench-gpu: $(STAMP)
+	$(VENV)/bin/medclipin bench gpu --json bench_gpu.json
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -28,4 +33,4 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out bench_gpu.json .pytest_cache

@@ -27,7 +27,7 @@ COMMANDS = {
     "gradcam": ("gradcam", "multimodal Grad-CAM: where the image and which words drive a match"),
     "import": ("import_base", "a medclipin model folder from an open_clip / OpenAI / HF CLIP"),
     "export": ("export", "a medclipin model as an open_clip local-dir or HF CLIPModel folder"),
-    "bench": ("bench", "benchmarks: train, eval, io"),
+    "bench": ("bench", "benchmarks: train, eval, io, demo, gpu"),
 }
 
 

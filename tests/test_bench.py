@@ -11,7 +11,7 @@ import torch
 
 from medclipin.bench import train as bench_train
 from medclipin.bench.eval import run_eval_benchmark
-from medclipin.bench.flops import count_flops, matmul_peak, vit_flops_estimate
+from medclipin.bench.flops import count_flops, count_flops_by_dtype, matmul_peak, mfu, vit_flops_estimate
 from medclipin.config import load_config
 
 TINY = [
@@ -45,7 +45,8 @@ def test_train_benchmark_all_contenders(tiny_cfg, tmp_path):
     for name in expected:
         c = saved["contenders"][name]
         assert len(c["step_times_s"]) == 2
-        assert c["samples_per_s"] > 0 and c["flops_per_sample"] > 0 and c["mfu"] > 0
+        assert c["samples_per_s"] > 0 and c["flops_per_sample"] > 0
+        assert (c["mfu"] is None and c["mfu_note"]) or 0 < c["mfu"] <= 1
         assert c["peak_memory_bytes"] > 0
         assert c["attention"]["text_attn_implementation"] == "sdpa"
         assert c["attention"]["image_fused_attn"] is True
@@ -111,6 +112,66 @@ def test_flop_count_of_the_cnn_towers_depthwise_convolutions_is_their_real_work(
         assert count_flops(lambda: conv(x)) == 2 * multiply_adds
 
 
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_flop_count_of_a_convolutions_backward_is_twice_its_forward(groups):
+    """grad_input and grad_weight each cost one forward, grouped or not. torch's own formula multiplies the
+    weight gradient of a grouped convolution by ``groups`` (x16 here): MFU above 1 on the demo's
+    EfficientNet came from that."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 16, 12, 12, requires_grad=True)
+    forward = count_flops(lambda: conv(x))
+    assert count_flops(lambda: conv(x).sum().backward()) == 3 * forward
+
+
+def test_flop_count_of_the_demo_cnn_tower_backward_is_at_most_twice_its_forward():
+    """The demo's image tower (EfficientNet-Lite0: depthwise convolutions everywhere), random weights."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, in_chans=1)
+    x = torch.randn(2, 1, 64, 64)
+    forward = count_flops(lambda: model(x))
+    both = count_flops(lambda: model(x).sum().backward())
+    assert forward < both <= 3 * forward
+
+
+def test_flops_are_split_by_the_dtype_they_ran_in():
+    """Under bf16 autocast, a layer run with autocast off (``train_fp32``) is counted as fp32 work."""
+    linear, conv = torch.nn.Linear(64, 64), torch.nn.Conv2d(8, 8, 3, groups=8)
+    x, y = torch.randn(4, 64), torch.randn(2, 8, 10, 10)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            linear(x).sum().backward()
+            with torch.autocast("cpu", enabled=False):
+                conv(y).sum().backward()
+
+    split = count_flops_by_dtype(step)
+    assert split == {"bfloat16": 2 * (2 * 4 * 64 * 64), "float32": 2 * (2 * 2 * 8 * 8 * 8 * 9)}
+    assert count_flops(step) == sum(split.values())
+
+
+def test_mfu_weighs_each_dtype_by_its_own_peak_and_never_exceeds_one():
+    peaks = {"float32": 100.0, "bfloat16": 400.0}
+    value, note = mfu({"bfloat16": 400, "float32": 100}, 4.0, peaks, "bfloat16")  # ideal 1 s + 1 s, took 4 s
+    assert value == pytest.approx(0.5) and note is None
+    value, note = mfu({"unknown": 200}, 1.0, peaks, "bfloat16")  # charged at the run's precision
+    assert value == pytest.approx(0.5)
+    value, note = mfu({"float32": 300}, 1.0, peaks, "bfloat16")  # 3x what the fp32 peak allows
+    assert value is None and "no MFU" in note
+    assert mfu({"float32": 0}, 1.0, peaks, "float32")[0] is None
+    assert mfu({"float32": 10}, float("nan"), peaks, "float32")[0] is None
+
+
+def test_train_benchmark_reports_no_mfu_above_one(tiny_cfg, tmp_path, monkeypatch):
+    """With a peak far below what the steps achieve, every contender's MFU is withheld with its reason."""
+    monkeypatch.setattr(bench_train, "matmul_peak",
+                        lambda dtype, device, max_n=None: {"dtype": str(dtype), "n": 1, "seconds": 1.0,
+                                                           "flops_per_s": 1.0})
+    result = bench_train.run_train_benchmark(tiny_cfg, None, steps=1, warmup=0, contenders=("clip",))
+    assert result["mfu"] == {"clip": None} and "no MFU" in result["mfu_notes"]["clip"]
+    assert result["contenders"]["clip"]["flops_by_dtype"]
+
+
 def test_matmul_peak_small():
     peak = matmul_peak(torch.float32, torch.device("cpu"), max_n=128, target_s=0.01, repeats=1)
     assert peak["n"] <= 128 and peak["flops_per_s"] > 0
@@ -171,3 +232,69 @@ def test_open_clip_model_matches_towers(tiny_cfg, pooling):
     expected = {"cls": "ClsLastHiddenStatePooler", "mean": "MeanPooler"}[pooling]
     assert type(model.text.pooler).__name__ == expected
     assert model.visual.trunk.patch_embed.proj.in_channels == tiny_cfg.data.image.channels
+
+
+def test_cli_bench_gpu_dry_run_checks_and_times_every_config(tmp_path, capsys):
+    """``bench gpu --dry-run`` (CI): the GPU script's checks and throughput run on CPU at a tiny size, for the
+    GPU config and for a ``--model`` config (the hook for the imported open_clip ViT-B/16)."""
+    from medclipin.cli import main
+
+    out = tmp_path / "gpu.json"
+    extra = Path(__file__).resolve().parents[1] / "configs" / "bench_small.yaml"
+    code = main(["bench", "gpu", "--dry-run", "--json", str(out), "--steps", "1", "--warmup", "0",
+                 "--model", str(extra)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["dry_run"] and result["checks_ok"]
+    assert [c["name"].split()[0] for c in result["checks"]] == ["bf16", "fused", "collectives"]
+    assert result["checks"][2]["backend"] == "gloo"
+    runs = result["throughput"]
+    assert [Path(r["config"]).stem for r in runs] == ["bench_gpu_vitb16_bert", "bench_small"]
+    assert set(runs[1]["contenders"]) == {"clip", "clipin"}
+    for run in runs:
+        for c in run["contenders"].values():
+            assert c["samples_per_s"] > 0 and (c["mfu"] is None or 0 < c["mfu"] <= 1)
+    printed = capsys.readouterr().out
+    assert "checks passed" in printed and "samples/s" in printed
+
+
+def test_gpu_checks_fail_when_a_limit_is_missed(monkeypatch):
+    from medclipin.bench import gpu
+
+    monkeypatch.setitem(gpu.LIMITS, "adamw_max_abs_diff", -1.0)  # no difference can be below zero
+    cfg = load_config(gpu.GPU_CONFIG, gpu.DRY_RUN_OVERRIDES)
+    check = gpu.check_fused_adamw(cfg, torch.device("cpu"))
+    assert check["ok"] is False and check["values"]["adamw_max_abs_diff"] >= 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_bench_gpu_without_cuda_says_to_use_dry_run(capsys):
+    from medclipin.cli import main
+
+    assert main(["bench", "gpu"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+
+
+def test_train_benchmark_variants_are_alternated_and_compared_with_the_first(tiny_cfg):
+    """``--variant``: each contender once per config variant, in the same rounds; ratios against the first."""
+    result = bench_train.run_train_benchmark(tiny_cfg, None, steps=2, warmup=0, contenders=("clip",),
+                                             measure_peak=False,
+                                             variants={"base": [], "half": ["train.batch_size=2"]})
+    assert list(result["contenders"]) == ["clip@base", "clip@half"]
+    assert result["contenders"]["clip@half"]["batch_size"] == 2
+    half, base = result["contenders"]["clip@half"], result["contenders"]["clip@base"]
+    assert half["flops_per_sample"] == pytest.approx(base["flops_per_sample"], rel=0.05)  # per sample, not step
+    ratio = result["variant_ratios"]["clip@half / clip@base"]
+    assert ratio["samples_per_s"] == pytest.approx(half["samples_per_s"] / base["samples_per_s"])
+    assert ratio["paired_median"] > 0 and ratio["cpu_time"] > 0
+
+
+def test_cli_variant_parsing():
+    from medclipin.commands.bench import _parse_variants
+
+    assert _parse_variants(["base:", "big:data.image.size=160; train.batch_size=16"]) == {
+        "base": [], "big": ["data.image.size=160", "train.batch_size=16"]}
+    with pytest.raises(ValueError):
+        _parse_variants(["only:"])
+    with pytest.raises(ValueError):
+        _parse_variants(["a:", "a:train.steps=1"])

@@ -42,8 +42,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medclipin.bench.flops import count_flops, matmul_peak, synchronize
-from medclipin.config import Config, config_to_dict
+from medclipin.bench.flops import count_flops_by_dtype, matmul_peak, mfu, synchronize
+from medclipin.config import Config, apply_overrides, config_from_dict, config_to_dict
 from medclipin.train.distributed import DistInfo
 from medclipin.train.optim import build_optimizer, build_scheduler
 from medclipin.train.step import TrainStep, autocast_context, resolve_device, resolve_precision
@@ -504,22 +504,29 @@ def _time_rounds(built: list[Contender], device: torch.device, warmup: int, step
             sampler.stop()
 
 
-def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_flops: float | None) -> dict:
-    """Per-contender medians, rates, MFU and memory, and the ratios the documentation quotes."""
+def _summarise(built: list[Contender], cfg: Config, device: torch.device, peaks: dict[str, float],
+               precision_dtype: str) -> dict:
+    """Per-contender medians, rates, MFU and memory, and the ratios the documentation quotes.
+
+    ``peaks``: measured matmul FLOP/s per dtype name; each contender's FLOPs are charged at the peak of the
+    dtype they ran in (:func:`medclipin.bench.flops.mfu`), and an MFU above 1 is replaced by its reason."""
     result: dict = {}
     per = {}
     for c in built:
         median = statistics.median(c.times) if c.times else float("nan")
         achieved = c.info["flops_per_step"] / median if c.times else float("nan")
+        utilisation, why_not = (mfu(c.info["flops_by_dtype"], median, peaks, precision_dtype) if peaks
+                                else (None, "matmul peak not measured"))
         per[c.name] = {
             **c.info,
             "step_times_s": [round(t, 5) for t in c.times],
             "median_step_s": median,
             "step_cpu_times_s": [round(t, 5) for t in c.cpu_times],
             "median_step_cpu_s": statistics.median(c.cpu_times) if c.cpu_times else float("nan"),
-            "samples_per_s": cfg.train.batch_size / median,
+            "samples_per_s": c.info.get("batch_size", cfg.train.batch_size) / median,
             "achieved_flops_per_s": achieved,
-            "mfu": achieved / peak_flops if peak_flops else None,
+            "mfu": utilisation,
+            **({"mfu_note": why_not} if why_not else {}),
             "peak_memory_bytes": c.peak_bytes,
             "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "process_rss_sampled",
             "step_memory_increase_bytes": c.peak_step_bytes,
@@ -533,6 +540,9 @@ def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_f
         result[f"{name}_samples_per_s"] = per[name]["samples_per_s"] if name in per else None
         result[f"{name}_mfu"] = per[name]["mfu"] if name in per else None
     result["mfu"] = {name: per[name]["mfu"] for name in per}
+    notes = {name: per[name]["mfu_note"] for name in per if "mfu_note" in per[name]}
+    if notes:
+        result["mfu_notes"] = notes
     if "clip" in per and "open_clip" in per:
         result["clip_vs_open_clip"] = per["clip"]["samples_per_s"] / per["open_clip"]["samples_per_s"]
     by_name = {c.name: c.times for c in built}
@@ -558,7 +568,8 @@ def _summarise(built: list[Contender], cfg: Config, device: torch.device, peak_f
 def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, steps: int = 10, warmup: int = 2,
                         contenders: tuple[str, ...] = CONTENDERS, device: str | torch.device | None = None,
                         config_path: str = "", seed: int = 0, measure_peak: bool = True,
-                        peak_max_n: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
+                        peak_max_n: int | None = None, progress: Callable[[str], None] | None = None,
+                        variants: dict[str, list[str]] | None = None) -> dict:
     """Alternate the contenders' training steps and write/return the result dictionary.
 
     Args:
@@ -570,6 +581,10 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         device: ``None`` = ``cfg.train.device``.
         measure_peak: time the bf16 and fp32 matmul peaks (MFU needs the one in use).
         peak_max_n: largest matmul side for the peak (default: CPU 2048, CUDA 8192; tests use small).
+        variants: ``{name: [dotted overrides]}``: each contender is built once per variant (named
+            ``clipin@name``) and all are alternated in the same rounds, so a change (image size, batch,
+            ``train_fp32``, ``target_dropout``...) is measured side by side as a ratio against the first
+            variant (``variant_ratios``). Settings fixed per process (``train.threads``, the device) cannot vary.
     """
     say = progress or (lambda message: None)
     if cfg.model.base:  # the base's image and text settings, as a training run takes them
@@ -604,6 +619,10 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
                           "clip_grad_norm_ when train.grad_clip > 0, AdamW as open_clip_train.main builds it "
                           "(torch's default implementation), logit_scale clamp",
         "compile": bool(cfg.train.compile),
+        "mfu_method": "FLOPs of one forward + backward (FlopCounterMode, grouped-convolution weight gradients "
+                      "counted by their real work), each charged at the measured matmul peak of the dtype it "
+                      "ran in, over the median step time; not reported (mfu_notes says why) where it would "
+                      "exceed 1",
     }
 
     peaks = _matmul_peaks(device, precision, peak_max_n, say) if measure_peak else {}
@@ -623,17 +642,27 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         result["open_clip_note"] = "open_clip_torch is not installed (pip install medclipin[bench]); contender skipped"
 
     built: list[Contender] = []
+    configs = {"": cfg} if not variants else {
+        f"@{variant}": config_from_dict(apply_overrides(config_to_dict(cfg), list(overrides)))
+        for variant, overrides in variants.items()}
     for name in wanted:
-        say(f"building {name}")
-        if name == "open_clip":
-            built.append(build_open_clip_contender(cfg, device, precision, seed))
-        else:
-            built.append(build_medclipin_contender(name, cfg, device, precision, seed))
+        for suffix, vcfg in configs.items():
+            say(f"building {name}{suffix}")
+            vprecision = resolve_precision(vcfg.train.precision, device)
+            if name == "open_clip":
+                c = build_open_clip_contender(vcfg, device, vprecision, seed)
+            else:
+                c = build_medclipin_contender(name, vcfg, device, vprecision, seed)
+            c.name += suffix
+            c.info["batch_size"] = vcfg.train.batch_size
+            c.info["precision"] = vprecision
+            built.append(c)
 
     for c in built:
         say(f"counting FLOPs of {c.name}")
-        c.info["flops_per_step"] = count_flops(c.loss_backward)
-        c.info["flops_per_sample"] = c.info["flops_per_step"] / cfg.train.batch_size
+        c.info["flops_by_dtype"] = count_flops_by_dtype(c.loss_backward)
+        c.info["flops_per_step"] = sum(c.info["flops_by_dtype"].values())
+        c.info["flops_per_sample"] = c.info["flops_per_step"] / c.info["batch_size"]
 
     _time_rounds(built, device, warmup, steps, say)
 
@@ -647,12 +676,37 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         peak_flops = peaks[used]["flops_per_s"] if used in peaks else peak_flops
         result["peak_flops_per_s"] = peak_flops
         result["machine"]["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    result.update(_summarise(built, cfg, device, peak_flops))
+    result.update(_summarise(built, cfg, device, {k: v["flops_per_s"] for k, v in peaks.items()}, used))
+    if variants:
+        result["variants"] = {name: list(overrides) for name, overrides in variants.items()}
+        result["variant_ratios"] = _variant_ratios(built, list(variants))
     if out_json:
         path = Path(out_json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _variant_ratios(built: list[Contender], names: list[str]) -> dict:
+    """Per contender and variant: samples/s relative to the first variant (medians; the median of each
+    round's own ratio, robust to load drifting during the run; and per-sample process CPU time)."""
+    by_name = {c.name: c for c in built}
+    ratios: dict = {}
+    for base in dict.fromkeys(c.name.split("@")[0] for c in built):
+        first = by_name[f"{base}@{names[0]}"]
+        for variant in names[1:]:
+            other = by_name[f"{base}@{variant}"]
+            rate_first = first.info["batch_size"] / statistics.median(first.times)
+            rate_other = other.info["batch_size"] / statistics.median(other.times)
+            paired = statistics.median((other.info["batch_size"] / b) / (first.info["batch_size"] / a)
+                                       for a, b in zip(first.times, other.times))
+            # process CPU seconds per sample: with train.threads=1 the step's own work, far less moved by
+            # other jobs' load than wall time on a shared machine
+            cpu = ((statistics.median(first.cpu_times) / first.info["batch_size"])
+                   / (statistics.median(other.cpu_times) / other.info["batch_size"]))
+            ratios[f"{base}@{variant} / {base}@{names[0]}"] = {"samples_per_s": rate_other / rate_first,
+                                                               "paired_median": paired, "cpu_time": cpu}
+    return ratios
 
 
 # ---------------------------------------------------------------------------------------- profile
