@@ -249,8 +249,10 @@ def test_cli_bench_gpu_dry_run_checks_and_times_every_config(tmp_path, capsys):
     assert [c["name"].split()[0] for c in result["checks"]] == ["bf16", "fused", "collectives"]
     assert result["checks"][2]["backend"] == "gloo"
     runs = result["throughput"]
-    assert [Path(r["config"]).stem for r in runs] == ["bench_gpu_vitb16_bert", "bench_small"]
+    assert [Path(r["config"]).stem for r in runs] == ["bench_gpu_vitb16_bert", "bench_small", "bench_gpu_openai_vitb16"]
     assert set(runs[1]["contenders"]) == {"clip", "clipin"}
+    # the imported open_clip CLIP: medclipin's steps and open_clip's own on the same model
+    assert set(runs[2]["contenders"]) == {"clip", "clipin", "open_clip"}
     for run in runs:
         for c in run["contenders"].values():
             assert c["samples_per_s"] > 0 and (c["mfu"] is None or 0 < c["mfu"] <= 1)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from medclipin.config import Config, load_config
 
 GPU_CONFIG = "bench_gpu_vitb16_bert"  # medclipin/configs/bench_gpu_vitb16_bert.yaml, shipped with the package
+# the open_clip ViT-B/16 imported as a medclipin base (model.base), timed beside open_clip's own step on it
+IMPORTED_CLIP_CONFIG = "bench_gpu_openai_vitb16"
 
 # The dry run shrinks every config to this size (CPU, seconds); the code paths stay the GPU run's.
 DRY_RUN_OVERRIDES = [
@@ -183,9 +186,10 @@ def run_gpu_benchmark(config: str = GPU_CONFIG, models: Sequence[str] = (), out_
 
     Args:
         config: the benchmark config (default: ViT-B/16 + BERT-base, ``configs/bench_gpu_vitb16_bert.yaml``).
-        models: more configs to time with the medclipin contenders (``clip``, ``clipin``). HOOK (issue 22):
-            the open_clip ViT-B/16 imported into medclipin is to be timed by passing the config that loads
-            it here (``--model``); nothing else needs to change.
+        models: more configs to time with the medclipin contenders (``clip``, ``clipin``), and with open_clip's
+            own step too where the config's ``model.base`` is an open_clip model. The imported open_clip
+            ViT-B/16 (:data:`IMPORTED_CLIP_CONFIG`) is always timed; the dry run gives it a tiny open_clip
+            folder instead (the same code path).
         dry_run: everything on CPU at a tiny size (CI); without it a CUDA device is required.
         steps, warmup: timed steps per contender and untimed rounds before them.
     """
@@ -212,10 +216,14 @@ def run_gpu_benchmark(config: str = GPU_CONFIG, models: Sequence[str] = (), out_
 
     peak_max_n = 128 if dry_run else None
     runs = []
-    for path, wanted in [(config, tuple(contenders))] + [(m, tuple(c for c in contenders if c != "open_clip"))
-                                                         for m in models]:
-        say(f"timing {path}: {', '.join(wanted)}")
+    scratch = tempfile.TemporaryDirectory(prefix="medclipin-bench-gpu-")
+    for path in [config, *dict.fromkeys([*models, IMPORTED_CLIP_CONFIG])]:
         run_cfg = cfg if path == config else load_config(path, overrides)
+        if dry_run and run_cfg.model.base:
+            run_cfg.model.base, run_cfg.model.base_weights = f"open_clip:local-dir:{_tiny_open_clip(scratch.name)}", ""
+        imported = run_cfg.model.base.startswith("open_clip:")
+        wanted = tuple(c for c in contenders if c != "open_clip" or path == config or imported)
+        say(f"timing {path}: {', '.join(wanted)}")
         bench = run_train_benchmark(run_cfg, None, steps=steps, warmup=warmup, contenders=wanted, device=device,
                                     config_path=str(path), peak_max_n=peak_max_n, progress=say)
         runs.append({"config": str(path), "precision": bench["precision"], "batch_size": bench["batch_size"],
@@ -224,12 +232,30 @@ def run_gpu_benchmark(config: str = GPU_CONFIG, models: Sequence[str] = (), out_
                                                                   "flops_per_sample", "peak_memory_bytes")}
                                     for name, c in bench["contenders"].items()},
                      "open_clip_note": bench.get("open_clip_note")})
+    scratch.cleanup()
     result["throughput"] = runs
     result["wall_s"] = time.perf_counter() - start
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result
+
+
+def _tiny_open_clip(folder: str) -> str:
+    """An open_clip ``local-dir`` folder of a tiny CLIP (ViT + causal text transformer, random weights) for the
+    dry run: the imported-CLIP code path at CPU size."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = {"embed_dim": 16, "quick_gelu": True,
+                 "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                 "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    path = Path(folder) / "tiny_open_clip"
+    path.mkdir(exist_ok=True)
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    model = open_clip.model.CLIP(**model_cfg)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "open_clip_model.safetensors"))
+    return str(path)
 
 
 def format_gpu_report(result: dict) -> str:
