@@ -161,7 +161,8 @@ def check_targets(metrics: dict, targets: dict = DEMO_TARGETS) -> list[str]:
         missed.append(
             f"total {total:.0f} s > {targets['total_s']:.0f} s (generation {timing.get('generate', 0):.0f} s, "
             f"training {timing.get('train', 0):.0f} s at {train.get('samples_per_s', 0):.1f} samples/s, "
-            f"evaluation {timing.get('evaluate', 0):.0f} s; {train.get('threads')} threads, "
+            f"evaluation {timing.get('evaluate', 0):.0f} s; {train.get('threads')} "
+            f"thread{'' if train.get('threads') == 1 else 's'}, "
             f"{train.get('precision', '?')}): the target is for 2 CPUs with AVX512-BF16 and nothing else running")
     return missed
 
