@@ -95,3 +95,24 @@ def test_the_study_command_caches_its_runs_and_rebuilds_the_report(tmp_path, mon
     monkeypatch.setattr("medclipin.train.trainer.pretrain", no_training)
     with pytest.raises(AssertionError, match="trained again"):
         study.main(args[:-6] + ["--steps", "3", "--image-size", "64", "--threads", "1"])
+
+
+def test_the_continued_grid_pairs_clipin_with_onlyclip_on_the_same_trained_clip(tmp_path, monkeypatch):
+    """CLIPin in the paper's setting: both runs of a seed continue the same base (an open_clip folder made from
+    the main grid's CLIP), and the report pairs them seed by seed."""
+    runs = []
+    for seed, (a, b) in enumerate([(0.81, 0.80), (0.79, 0.80), (0.83, 0.80)]):
+        for variant, auc in (("cont_clip_clipin", a), ("cont_onlyclip", b)):
+            runs.append({**_fake("loose40", variant, seed, auc), "grid": "continued"})
+    rows = [r for r in study.paired_differences(runs) if r["kind"] == "continued" and r["metric"] == "auc"]
+    assert len(rows) == 1 and rows[0]["values"] == pytest.approx([0.01, -0.01, 0.03])
+    assert "continuing a trained CLIP" in study.differences_markdown(study.paired_differences(runs))
+    assert "## continued" in study.markdown(study.aggregate(runs), "budget")
+    # each continued run trains on model.base = the exported base, which is made once
+    made = []
+    monkeypatch.setattr(study, "run_one", lambda *a, **k: made.append(a) or {})
+    monkeypatch.setattr(study, "dataset", lambda out, setting, patients: tmp_path / "manifest.csv")
+    base = tmp_path / "base" / "open_clip"
+    base.mkdir(parents=True)
+    (base / "open_clip_config.json").write_text("{}")
+    assert study.trained_base(tmp_path, study.Budget()) == base and not made
