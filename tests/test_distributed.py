@@ -255,3 +255,39 @@ def test_sync_batchnorm_converts_every_clipin_batchnorm_and_keeps_the_state_keys
     assert all(isinstance(m, torch.nn.SyncBatchNorm) for m in model.clipin.target["image_nc"].modules()
                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     assert not [m for m in model.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+@pytest.mark.slow
+def test_a_base_clip_trains_on_two_processes_as_on_one(tmp_path):
+    """model.base under DDP: every rank loads the same base (the pre-projector's random directions are seeded),
+    and 2 gloo processes log the single process's losses."""
+    from test_bases import _tiny_open_clip_folder
+
+    from medclipin.config import config_to_dict
+    from medclipin.train.trainer import pretrain
+
+    _tiny_open_clip_folder(tmp_path / "base")
+    cfg = tiny_config("train.steps=2", "train.checkpoint_every=5", f"model.base=open_clip:local-dir:{tmp_path / 'base'}",
+                      clipin=False)
+    pretrain(cfg, tmp_path / "single", progress=False)
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    run, port = tmp_path / "ddp", _free_port()
+    processes = []
+    for rank in range(WORLD):
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
+             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err.decode()[-3000:]
+
+    def losses(folder):
+        with (folder / "metrics.csv").open(newline="") as handle:
+            return [float(r["loss"]) for r in csv.DictReader(handle)]
+
+    assert losses(run) == pytest.approx(losses(tmp_path / "single"), abs=1e-4)
