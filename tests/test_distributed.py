@@ -171,6 +171,21 @@ def test_two_gloo_processes_equal_one_process_on_the_same_global_batch(tmp_path)
             assert torch.allclose(r0["params"][name], param, atol=1e-5, rtol=1e-4), (kind, name)
 
 
+def _srun_pretrain(config_path: Path, run: Path) -> list[subprocess.Popen]:
+    """`python -m medclipin pretrain` as WORLD srun-style tasks (SLURM_PROCID/NTASKS/LOCALID, gloo), started."""
+    port, processes = _free_port(), []
+    for rank in range(WORLD):
+        # what srun gives each task (plus the rendezvous address the sbatch script exports)
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
+             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return processes
+
+
 @pytest.mark.slow
 def test_pretrain_command_on_two_processes_matches_one_process(tmp_path):
     """`python -m medclipin pretrain` as 2 srun-style tasks (SLURM_PROCID/NTASKS/LOCALID, gloo) vs one process, CLIP.
@@ -187,17 +202,8 @@ def test_pretrain_command_on_two_processes_matches_one_process(tmp_path):
     pretrain(cfg, single, progress=False)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    run, port = tmp_path / "ddp", _free_port()
-    processes = []
-    for rank in range(WORLD):
-        # what srun gives each task (plus the rendezvous address the sbatch script exports)
-        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
-             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    run = tmp_path / "ddp"
+    processes = _srun_pretrain(config_path, run)
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (out, err) in zip(processes, outputs):
         assert process.returncode == 0, err.decode()[-3000:]
@@ -218,16 +224,7 @@ def test_pretrain_command_on_two_processes_matches_one_process(tmp_path):
     # only rank 0 takes the run folder (its lock): a second launch as a fresh run is refused on every rank
     # at once, with rank 0's one-line reason, and nothing in the finished run changes
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    port = _free_port()
-    again = []
-    for rank in range(WORLD):
-        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
-        again.append(subprocess.Popen(
-            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
-             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    again = _srun_pretrain(config_path, run)
     for process in again:
         _, err = process.communicate(timeout=120)
         assert process.returncode == 2, err.decode()[-2000:]
@@ -272,16 +269,8 @@ def test_a_base_clip_trains_on_two_processes_as_on_one(tmp_path):
     pretrain(cfg, tmp_path / "single", progress=False)
     config_path = tmp_path / "run.yaml"
     config_path.write_text(yaml.safe_dump(config_to_dict(cfg)))
-    run, port = tmp_path / "ddp", _free_port()
-    processes = []
-    for rank in range(WORLD):
-        env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(WORLD), "SLURM_LOCALID": str(rank),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1"})
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "medclipin", "pretrain", "--config", str(config_path), "--out", str(run),
-             "--quiet", "--no-validate"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    run = tmp_path / "ddp"
+    processes = _srun_pretrain(config_path, run)
     for process in processes:
         _, err = process.communicate(timeout=300)
         assert process.returncode == 0, err.decode()[-3000:]
