@@ -153,13 +153,15 @@ def _timm_constructor_arguments(timm, name: str, kwargs: dict[str, Any]) -> set[
     keyword in ``kwargs`` is left for the real build to report."""
     import inspect
 
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(name, pretrained=False, **{k: v for k, v in kwargs.items()
-                                                                  if k != "pretrained_cfg_overlay"})
-    except Exception:  # noqa: BLE001 - reported, with its hint, by ImageEncoder._create
-        return set()
-    return set(inspect.signature(type(probe).__init__).parameters)
+    arguments = {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}
+    for device in ("meta", "cpu"):  # an architecture whose init cannot run on meta tensors is built for real
+        try:
+            with torch.device(device):
+                probe = timm.create_model(name, pretrained=False, **arguments)
+            return set(inspect.signature(type(probe).__init__).parameters)
+        except Exception:  # noqa: BLE001 - an unknown name or a bad keyword: ImageEncoder._create reports it
+            continue
+    return set()
 
 
 def freeze_timm_lower(model: nn.Module, n_layers: int) -> None:
