@@ -87,25 +87,25 @@ def open_store(args, out_dir: str | os.PathLike | None = None):
     """(EmbeddingStore, model folder, embedding cache folder or None) for a command's arguments."""
     from medclipin.api import load, resolve_model_dir
     from medclipin.eval.embeddings import EmbeddingStore, default_embedding_cache
-
     from medclipin.models.bases import is_base_spec
 
     weights = getattr(args, "weights", "") or ""
-    if is_base_spec(args.checkpoint):  # a third-party CLIP: no folder of ours to cache beside
+    third_party = is_base_spec(args.checkpoint)
+    if third_party:  # the spec (and its weights file) stands for the model folder in reports
         model, processor = load(args.checkpoint, device=args.device, weights=weights)
         model_dir = Path(args.checkpoint + (f"@{weights}" if weights else ""))
-        default_cache = Path(out_dir) / "embeddings" if out_dir else None
     else:
         model_dir = resolve_model_dir(args.checkpoint)
         model, processor = load(model_dir, device=args.device, weights=weights)  # fp32: bf16 is ~100x slower on CPUs without AMX
-        default_cache = None
     choice = (args.embedding_cache or "").strip()
     if choice.lower() == "none":
         cache_dir = None
     elif choice:
         cache_dir = Path(choice)
+    elif third_party:  # no folder of ours to cache beside: under --out
+        cache_dir = Path(out_dir) / "embeddings" if out_dir else None
     else:
-        cache_dir = default_cache if is_base_spec(args.checkpoint) else default_embedding_cache(model_dir, out_dir)
+        cache_dir = default_embedding_cache(model_dir, out_dir)
     store = EmbeddingStore(model, processor, cache_dir=cache_dir, image_cache=args.image_cache,
                            batch_size=args.batch_size, num_workers=args.num_workers)
     return store, model_dir, cache_dir
