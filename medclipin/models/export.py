@@ -108,13 +108,14 @@ def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
                           "the identity: open_clip has no place for it")
     text_weight = _no_bias(model, "text", "open_clip")
     text_state = model.text_encoder.state_dict()
+    form = model.text_encoder.projection_form
+    if form is None and not torch.allclose(text_weight, torch.eye(*text_weight.shape), atol=0):
+        raise ExportError("the text tower's head stays inside it and the model's text projection is no longer the "
+                          "identity: open_clip has no place for it")
     if model.text_encoder.is_hf:
         state.update(text_state)
-        if isinstance(text.proj, torch.nn.Identity) and text.output_dim != model.text_encoder.out_dim:
+        if form == "linear":
             state["text.proj.weight"] = text_weight
-        elif not torch.allclose(text_weight, torch.eye(*text_weight.shape), atol=0):
-            raise ExportError("the text tower's MLP head stays inside it and the model's text projection is no "
-                              "longer the identity: open_clip has no place for it")
         text_cfg = model_cfg["text_cfg"]
         # open_clip builds the HF text model from hf_model_name's config.json; the folder carries it
         (folder / "config.json").write_text(json.dumps(model.text_encoder.hf_config(), indent=2))
@@ -122,7 +123,10 @@ def _write_open_clip(model, processor, folder: Path, final: Path) -> None:
         text_cfg.update(hf_model_name=str(final), hf_tokenizer_name=str(final), hf_model_pretrained=False)
     else:
         state.update({k[len("text."):]: v for k, v in text_state.items()})
-        state["text_projection"] = text_weight.T
+        if form == "parameter":
+            state["text_projection"] = text_weight.T
+        elif form == "linear":
+            state["text_projection.weight"] = text_weight
     state["logit_scale"] = model.logit_scale.detach().reshape(())
     if model.kind == "siglip":
         state["logit_bias"] = model.logit_bias.detach().reshape(())

@@ -197,9 +197,12 @@ class OpenClipTextTower(TextTower):
                 text = open_clip.model._build_text_tower(model_cfg["embed_dim"], text_cfg,
                                                          quick_gelu=bool(model_cfg.get("quick_gelu", False)))
         self.is_hf = isinstance(text, open_clip.hf_model.HFTextEncoder)
+        # how open_clip held the projection taken out (export puts it back the same way): "linear" (an
+        # nn.Linear), "parameter" (a matrix applied as x @ P), or None (none was taken: the head stays inside)
+        self.projection_form = None
         if self.is_hf:
             if isinstance(text.proj, nn.Linear):
-                width, text.proj = text.proj.in_features, nn.Identity()
+                width, text.proj, self.projection_form = text.proj.in_features, nn.Identity(), "linear"
             else:
                 width = int(text.output_dim)
         else:
@@ -207,7 +210,9 @@ class OpenClipTextTower(TextTower):
                 raise TowerError("model.text_encoder: open_clip text towers with a class token or a padding mask "
                                  "(CoCa-style) are not supported")
             projection = text.text_projection
-            width = int(text.width) if projection is not None else int(text.output_dim or text.width)
+            if projection is not None:
+                self.projection_form = "linear" if isinstance(projection, nn.Linear) else "parameter"
+            width = int(text.width)
             text.text_projection = None
         self.text = text
         self.out_dim = width
