@@ -159,6 +159,35 @@ def test_gradcam_on_the_pretrained_cnn_points_at_what_drives_the_score():
     assert y >= 64 and x >= 64, (y, x)
 
 
+@pytest.mark.parametrize("name, kwargs, size", [
+    ("tf_efficientnet_lite0", {}, 128), ("resnet18", {}, 128), ("vit_tiny_patch16_224", {"depth": 2}, 64)])
+def test_gradcam_stops_its_backward_at_the_cam_layer_with_the_same_maps(name, kwargs, size):
+    """image_cam differentiates only the layers above the CAM layer: the maps equal those of a backward
+    through the whole tower (every parameter requiring grad), no weight gradient is left behind, and the
+    parameters' requires_grad flags (a partly frozen tower) come back as they were."""
+    import pytorch_grad_cam
+
+    from medclipin.eval.gradcam import SimilarityTarget, _ImageEmbedder, image_cam
+
+    torch.manual_seed(0)
+    tower = ImageEncoder(ImageEncoderConfig(name=name, kwargs=kwargs), in_chans=1, image_size=size).eval()
+    wrapped = _ImageOnly(tower)
+    first = next(tower.parameters())
+    first.requires_grad_(False)  # a frozen stem: must stay frozen, the rest must stay trainable
+    images = torch.randn(3, 1, size, size)
+    texts = torch.nn.functional.normalize(torch.randn(3, tower.out_dim), dim=-1)
+    layer, reshape = tower.gradcam_layer()
+    with pytorch_grad_cam.HiResCAM(model=_ImageEmbedder(wrapped), target_layers=[layer],
+                                   reshape_transform=reshape) as cam:  # the full backward
+        full = cam(input_tensor=images, targets=[SimilarityTarget(t) for t in texts])
+    wrapped.zero_grad(set_to_none=True)
+    maps = image_cam(wrapped, images, texts)
+    np.testing.assert_allclose(maps, full, atol=1e-5)
+    assert all(p.grad is None for p in wrapped.parameters())
+    assert not first.requires_grad
+    assert all(p.requires_grad for p in wrapped.parameters() if p is not first)
+
+
 def test_full_size_structure_has_the_published_parameter_counts():
     """ViT-B/16 + BioClinicalBERT (BERT-base, cased vocabulary of 28,996) built from configuration alone."""
     from medclipin.models.model import MedClipModel

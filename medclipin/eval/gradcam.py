@@ -83,11 +83,44 @@ def image_cam(model: MedClipModel, images: torch.Tensor, text_embeddings: torch.
     was_training = model.training
     model.eval()
     try:
-        with cam_class(model=_ImageEmbedder(model), target_layers=[layer], reshape_transform=reshape) as cam:
+        with _gradient_from(model, layer), \
+                cam_class(model=_ImageEmbedder(model), target_layers=[layer], reshape_transform=reshape) as cam:
             maps = cam(input_tensor=images, targets=[SimilarityTarget(t) for t in text_embeddings])
     finally:
         model.train(was_training)
     return np.asarray(maps, dtype=np.float32)
+
+
+class _gradient_from:
+    """Context: the backward runs from the score down to ``layer``'s output and no further.
+
+    Grad-CAM reads only the gradient at its layer, yet a backward through a model whose parameters require
+    grad computes every weight gradient below it too. Inside this context no parameter of ``model``
+    requires grad, and ``layer``'s output is made a leaf that does, so autograd records only the layers
+    above it: the same maps, without the weight gradients. Registered before pytorch-grad-cam's own hooks,
+    so they see the leaf."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module):
+        self.model, self.layer = model, layer
+
+    def __enter__(self):
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for parameter, _ in self.saved:
+            parameter.requires_grad_(False)
+        self.hook = self.layer.register_forward_hook(self._leaf)
+        return self
+
+    @staticmethod
+    def _leaf(module, args, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"Grad-CAM layer {type(module).__name__} returns {type(output).__name__}, not a tensor")
+        return output.detach().requires_grad_(True)
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        for parameter, flag in self.saved:
+            parameter.requires_grad_(flag)
+        return False
 
 
 def text_relevance(model: MedClipModel, processor, image: torch.Tensor, text: str) -> TextRelevance:
