@@ -53,6 +53,17 @@ def test_layout_and_manifests(dataset):
     assert meta["counts"]["studies"] == len(manifest)
 
 
+def test_the_number_of_worker_processes_changes_no_byte(tmp_path):
+    """Studies drawn in two processes are the files and manifests of studies drawn in one, in the same order."""
+    one = generate_synthetic_dataset(tmp_path / "one", n_patients=12, image_size=SIZE, seed=5, workers=1)
+    two = generate_synthetic_dataset(tmp_path / "two", n_patients=12, image_size=SIZE, seed=5, workers=2)
+    for name in ("manifest.csv", "manifest_png.csv", "labels.csv", "synthetic.json"):
+        assert (one.parent / name).read_bytes() == (two.parent / name).read_bytes(), name
+    files = sorted(p.relative_to(one.parent) for p in one.parent.rglob("SYN*"))
+    assert len(files) == 2 * len(read_manifest(one).records)
+    assert all((one.parent / f).read_bytes() == (two.parent / f).read_bytes() for f in files)
+
+
 def test_deterministic(tmp_path):
     a = generate_synthetic_dataset(tmp_path / "a", n_patients=10, image_size=SIZE, seed=7)
     b = generate_synthetic_dataset(tmp_path / "b", n_patients=10, image_size=SIZE, seed=7)

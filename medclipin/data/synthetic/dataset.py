@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from medclipin.atomic import atomic_open
 from medclipin.data.manifest import Record, write_manifest
@@ -107,43 +110,90 @@ def _clear_own_files(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
+@dataclass
+class _WrittenStudy:
+    """What the manifests need of one written study (its pixels stay in the worker that drew them)."""
+
+    study_id: str
+    patient_id: str
+    patient: int
+    index: int
+    view: str
+    findings: str
+    impression: str
+    report: str
+    labels: dict
+    boxes: list
+
+
+_worker_writer: DicomWriter | None = None
+
+
+def _write_study(job: tuple[Path, int, int, int, int]) -> _WrittenStudy:
+    """Draw one study and write its DICOM and PNG (in a worker process, or in this one)."""
+    global _worker_writer
+    out_dir, seed, patient, index, image_size = job
+    if _worker_writer is None or _worker_writer.seed != seed:
+        _worker_writer = DicomWriter(seed)
+    study = synthesize_study(seed, patient, index, image_size)
+    _worker_writer.write(study, out_dir / "dicom" / f"{study.study_id}.dcm")
+    write_png(study, out_dir / "png" / f"{study.study_id}.png")
+    return _WrittenStudy(study.study_id, study.patient_id, patient, index, study.view, study.findings,
+                         study.impression, study.report, dict(study.labels), list(study.boxes))
+
+
+def _default_workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _written_studies(jobs: list, workers: int) -> Iterator[_WrittenStudy]:
+    """Each job's study, in job order; ``workers`` > 1 draws them in that many processes. Every study is a
+    function of its own (seed, patient, index), so the files are the same bytes whatever ``workers`` is."""
+    if workers <= 1 or len(jobs) < 2 * workers:
+        yield from map(_write_study, jobs)
+        return
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()  # fork where there is one: no re-import per worker
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_write_study, jobs, chunksize=16)
+
+
 def _write_studies(out_dir: Path, n_patients: int, image_size: int, seed: int, progress: bool,
-                   keep_train_reports: bool = False) -> tuple[list[Record], list[Record], list[list], list[TrainReport]]:
-    """Generate and write every study; returns the DICOM and PNG manifest records, the label rows and
-    (with ``keep_train_reports``) the train studies' reports for :func:`plan_pair_noise`."""
+                   keep_train_reports: bool = False, workers: int = 0,
+                   ) -> tuple[list[Record], list[Record], list[list], list[TrainReport]]:
+    """Generate and write every study (``workers`` processes; 0 = one per CPU, up to 4); returns the DICOM and
+    PNG manifest records, the label rows and (with ``keep_train_reports``) the train studies' reports for
+    :func:`plan_pair_noise`."""
     dicom_dir, png_dir = out_dir / "dicom", out_dir / "png"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     png_dir.mkdir(parents=True, exist_ok=True)
     splits = assign_splits(seed, n_patients)
-    jobs = [(p, s) for p in range(n_patients) for s in range(n_studies(seed, p))]
-    iterator = jobs
+    jobs = [(out_dir, seed, p, s, image_size) for p in range(n_patients) for s in range(n_studies(seed, p))]
+    studies = _written_studies(jobs, workers or _default_workers())
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="synthetic studies", unit="study")
+        studies = tqdm(studies, total=len(jobs), desc="synthetic studies", unit="study")
 
-    dicom_writer = DicomWriter(seed)
     dicom_records: list[Record] = []
     png_records: list[Record] = []
     label_rows: list[list] = []
     train_reports: list[TrainReport] = []
-    for patient, index in iterator:
-        study = synthesize_study(seed, patient, index, image_size)
-        dcm_path = dicom_dir / f"{study.study_id}.dcm"
-        png_path = png_dir / f"{study.study_id}.png"
-        dicom_writer.write(study, dcm_path)
-        write_png(study, png_path)
+    for study in studies:
+        split = splits[study.patient]
         common = dict(record_id=study.study_id, patient_id=study.patient_id, study_id=study.study_id,
-                      split=splits[patient], view=study.view, findings=study.findings,
+                      split=split, view=study.view, findings=study.findings,
                       impression=study.impression, labels={c: float(v) for c, v in study.labels.items()},
-                      boxes=list(study.boxes))
-        dicom_records.append(Record(image_path=str(dcm_path.resolve()), **common))
-        png_records.append(Record(image_path=str(png_path.resolve()), **common))
+                      boxes=study.boxes)
+        dicom_records.append(Record(image_path=str((dicom_dir / f"{study.study_id}.dcm").resolve()), **common))
+        png_records.append(Record(image_path=str((png_dir / f"{study.study_id}.png").resolve()), **common))
         label_rows.append([study.study_id] + [study.labels[c] for c in CLASS_NAMES])
-        if keep_train_reports and splits[patient] == "train":
+        if keep_train_reports and split == "train":
             train_reports.append(TrainReport(
-                study.study_id, study.patient_id, patient, index, study.findings, study.impression, study.report,
-                [c for c in CLASS_NAMES if study.labels[c]]))
+                study.study_id, study.patient_id, study.patient, study.index, study.findings, study.impression,
+                study.report, [c for c in CLASS_NAMES if study.labels[c]]))
     return dicom_records, png_records, label_rows, train_reports
 
 
@@ -200,6 +250,7 @@ def generate_synthetic_dataset(
     progress: bool = False,
     loose_fraction: float = 0.0,
     repetitive_fraction: float = 0.0,
+    workers: int = 0,
 ) -> Path:
     """Write the synthetic chest X-ray dataset and return the path of its ``manifest.csv``.
 
@@ -223,6 +274,9 @@ def generate_synthetic_dataset(
             fixed templates; the manifests get a ``report_template`` column (``""`` or ``"1"``-``"3"``).
 
     Both default to 0, which gives exactly the dataset of earlier versions (same bytes).
+
+        workers: processes drawing the studies (0 = one per CPU, up to 4); the files are the same bytes
+            whatever their number.
 
     Raises:
         SyntheticDatasetError: ``out_dir`` holds a complete dataset with other parameters and
@@ -251,7 +305,7 @@ def generate_synthetic_dataset(
     _clear_own_files(out_dir)  # also tidies an interrupted run's leftovers
     noisy = bool(loose_fraction or repetitive_fraction)
     dicom_records, png_records, label_rows, train_reports = _write_studies(
-        out_dir, n_patients, image_size, seed, progress, keep_train_reports=noisy)
+        out_dir, n_patients, image_size, seed, progress, keep_train_reports=noisy, workers=workers)
     noise_counts = _apply_pair_noise([dicom_records, png_records], seed, train_reports, loose_fraction,
                                      repetitive_fraction) if noisy else {}
 
