@@ -244,6 +244,9 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    # CPU runs: glibc's malloc keeps freed blocks instead of unmapping every block above 32 MB, so large
+    # activations are not page-faulted in again at every step (train/cpu_runtime.py); the process keeps its peak heap
+    retain_freed_memory: bool = True
     log_every: int = 10
     checkpoint_every: int = 200
     keep_checkpoints: int = 3

@@ -224,12 +224,12 @@ def step_anatomy(cfg, rounds: int = 3, seed: int = 0) -> dict:
     ``rounds`` rounds after one warm-up round, so a shared machine's load falls on all of them alike.
     """
     from medclipin.bench.train import build_medclipin_contender
+    from medclipin.train.cpu_runtime import configure_cpu
     from medclipin.train.step import autocast_context, resolve_device, resolve_precision
 
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    configure_cpu(cfg.train.threads, cfg.train.retain_freed_memory, device)
     c = build_medclipin_contender("clipin" if cfg.model.clipin.enabled else "clip", cfg, device, precision, seed)
     from medclipin.bench.train import synthetic_batch
 

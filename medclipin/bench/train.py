@@ -45,6 +45,7 @@ from torch import nn
 from medclipin.bench.flops import count_flops_by_dtype, matmul_peak, mfu, synchronize
 from medclipin.config import Config, apply_overrides, config_from_dict, config_to_dict
 from medclipin.train.distributed import DistInfo
+from medclipin.train.cpu_runtime import configure_cpu
 from medclipin.train.optim import build_optimizer, build_scheduler
 from medclipin.train.step import TrainStep, autocast_context, resolve_device, resolve_precision
 
@@ -594,8 +595,7 @@ def run_train_benchmark(cfg: Config, out_json: str | os.PathLike | None = None, 
         apply_base_settings(cfg)
     device = resolve_device(cfg.train.device if device is None else str(device))
     precision = resolve_precision(cfg.train.precision, device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
+    configure_cpu(cfg.train.threads, cfg.train.retain_freed_memory, device)
     result: dict = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(device),

@@ -31,6 +31,7 @@ from medclipin.data.processor import Processor
 from medclipin.models.encoders import ImageEncoder
 from medclipin.models.weights import resolve_normalization
 from medclipin.train.distributed import DistInfo
+from medclipin.train.cpu_runtime import configure_cpu
 from medclipin.train.objective import ObjectiveOutput
 from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
 from medclipin.train.step import TrainStep, autocast_context, resolve_device, resolve_precision
@@ -88,8 +89,7 @@ def train_supervised(cfg: Config, out_dir: str | os.PathLike, progress: bool = T
     tcfg = cfg.train
     device = resolve_device(tcfg.device)
     precision = resolve_precision(tcfg.precision, device)
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
+    configure_cpu(tcfg.threads, tcfg.retain_freed_memory, device)
     resolve_normalization(cfg)
     save_config(cfg, out_dir / "config.yaml")
     manifest = read_manifest(cfg.data.manifest)

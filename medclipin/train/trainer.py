@@ -54,6 +54,7 @@ from medclipin.models.weights import resolve_normalization
 from medclipin.train.objective import TrainingObjective
 from medclipin.train import checkpoint as ckpt
 from medclipin.train import preflight, run_folder
+from medclipin.train.cpu_runtime import configure_cpu
 from medclipin.train.distributed import DistInfo, cleanup, init_distributed
 from medclipin.train.monitor import MetricsLog, Progress, TensorBoardLog
 from medclipin.train.optim import build_optimizer, build_scheduler, tower_learning_rates
@@ -387,8 +388,7 @@ def _set_up(cfg: Config, run_dir: Path, resume: str, device: torch.device, dist_
     precision = resolve_precision(tcfg.precision, device)
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.cuda_index())
-    if tcfg.threads > 0:
-        torch.set_num_threads(tcfg.threads)
+    configure_cpu(tcfg.threads, tcfg.retain_freed_memory, device)
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
