@@ -5,8 +5,9 @@ glibc's malloc serves every block above 32 MB (the ceiling of its adaptive mmap 
 tens of such activation tensors (32 x 96 x 80 x 80 fp32 = 79 MB for EfficientNet's first stage at 160 px),
 so every step pays the kernel's page faults to zero them again: a fresh 80 MB tensor costs 5x the fill of a
 reused one. Telling malloc never to use mmap (``M_MMAP_MAX = 0``) and never to trim the heap
-(``M_TRIM_THRESHOLD``) makes those blocks come back from the heap, already mapped, as tcmalloc and jemalloc
-users get by preloading them. The price is that the process keeps its peak heap until it exits.
+(``M_TRIM_THRESHOLD``) carves those blocks from the heap, whose freed pages stay mapped for the next step's
+tensors (what preloading tcmalloc gives, without a system library). The price: the process keeps its
+high-water heap until it exits, somewhat above the peak, as freed blocks do not always fit the next request.
 """
 
 from __future__ import annotations
