@@ -188,6 +188,37 @@ def test_gradcam_stops_its_backward_at_the_cam_layer_with_the_same_maps(name, kw
     assert all(p.requires_grad for p in wrapped.parameters() if p is not first)
 
 
+def test_depthwise_convolutions_train_in_fp32_under_cpu_autocast_and_copies_keep_their_own_weights():
+    """EfficientNet's depthwise layers leave CPU bf16 autocast while gradients are recorded (the rest stays in
+    bf16), give fp32 outputs equal to a plain fp32 convolution, keep their parameter names, and a deep copy
+    (the CLIPin EMA target) computes with its own weights, not the original's."""
+    import copy
+
+    from medclipin.models.towers import depthwise_convs_in_fp32
+
+    tower = ImageEncoder(ImageEncoderConfig(name="tf_efficientnet_lite0"), in_chans=1, image_size=64)
+    depthwise = [m for m in tower.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == 16 and all(type(m).__name__.startswith("Fp32OnCpu") for m in depthwise)
+    assert depthwise_convs_in_fp32(tower) == 0  # already converted: idempotent
+    keys = set(ImageEncoder(ImageEncoderConfig(name="tf_efficientnet_lite0"), in_chans=1, image_size=64).state_dict())
+    assert set(tower.state_dict()) == keys
+    layer = depthwise[3]
+    x = torch.randn(2, layer.in_channels, 12, 12)
+    expected = layer(x.bfloat16().float())  # outside autocast: fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.bfloat16())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, expected)
+        assert torch.nn.Conv2d.forward(layer, x).dtype == torch.bfloat16  # what autocast alone would give
+        with torch.no_grad():  # forward-only passes keep autocast's bf16
+            assert layer(x.bfloat16()).dtype == torch.bfloat16
+        assert tower.model.conv_head(torch.randn(1, tower.model.conv_head.in_channels, 2, 2)).dtype == torch.bfloat16
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.weight.zero_()
+    assert twin(x).abs().max() == 0 and layer(x).abs().max() > 0
+
+
 def test_full_size_structure_has_the_published_parameter_counts():
     """ViT-B/16 + BioClinicalBERT (BERT-base, cased vocabulary of 28,996) built from configuration alone."""
     from medclipin.models.model import MedClipModel

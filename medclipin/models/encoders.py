@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from medclipin.config import ImageEncoderConfig, TextEncoderConfig
-from medclipin.models.towers import (ImageTower, TextTower, TowerError, freeze as _freeze, register_image_tower,
-                                     register_text_tower)
+from medclipin.models.towers import (ImageTower, TextTower, TowerError, depthwise_convs_in_fp32, freeze as _freeze,
+                                     register_image_tower, register_text_tower)
 from medclipin.models.weights import WeightsError, parse_weights, timm_pretrained_overlay, _offline
 
 
@@ -76,6 +76,7 @@ class ImageEncoder(ImageTower):
         self.channels_last = not is_vit_like(self.model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+            depthwise_convs_in_fp32(self.model)
         if cfg.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.train_fp32 = cfg.train_fp32

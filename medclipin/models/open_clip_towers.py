@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from medclipin.models.towers import ImageTower, TextTower, TowerError, freeze, register_image_tower, register_text_tower
+from medclipin.models.towers import (ImageTower, TextTower, TowerError, depthwise_convs_in_fp32, freeze,
+                                     register_image_tower, register_text_tower)
 
 
 def _open_clip():
@@ -120,6 +121,7 @@ class OpenClipImageTower(ImageTower):
         self.channels_last = self._vit() is None
         if self.channels_last:
             self.visual.to(memory_format=torch.channels_last)
+            depthwise_convs_in_fp32(self.visual)
         self.train_fp32 = cfg.train_fp32
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)

@@ -97,6 +97,39 @@ def freeze(module: nn.Module) -> None:
         parameter.requires_grad_(False)
 
 
+_FP32_CONV_CLASSES: dict[type, type] = {}
+
+
+def _fp32_on_cpu_class(conv_class: type) -> type:
+    """A subclass of ``conv_class`` whose forward leaves CPU autocast while gradients are recorded."""
+    if conv_class not in _FP32_CONV_CLASSES:
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    return conv_class.forward(self, x.float())
+            return conv_class.forward(self, x)
+
+        _FP32_CONV_CLASSES[conv_class] = type(f"Fp32OnCpu{conv_class.__name__}", (conv_class,), {
+            "forward": forward, "__doc__": f"{conv_class.__name__}, in fp32 under CPU autocast with grad."})
+    return _FP32_CONV_CLASSES[conv_class]
+
+
+def depthwise_convs_in_fp32(module: nn.Module) -> int:
+    """Run ``module``'s depthwise convolutions in fp32 when training under a CPU bf16 autocast; returns how many.
+
+    oneDNN's bf16 backward of a depthwise convolution is 3-5x its fp32 one (its weight gradient has no
+    AMX/VNNI kernel), while pointwise convolutions gain from bf16: an EfficientNet trains fastest with only its
+    depthwise layers in fp32. Forward-only passes (no grad) and GPUs keep autocast's choice. The layers change
+    class, not parameters: state dicts and copies are unaffected."""
+    count = 0
+    for layer in module.modules():
+        if (isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels
+                and type(layer) not in _FP32_CONV_CLASSES.values()):
+            layer.__class__ = _fp32_on_cpu_class(type(layer))
+            count += 1
+    return count
+
+
 _IMAGE_TOWERS: dict[str, type] = {}
 _TEXT_TOWERS: dict[str, type] = {}
 # the modules that register the shipped families, imported on first use (optional libraries stay lazy)
