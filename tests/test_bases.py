@@ -321,12 +321,13 @@ def test_a_timm_and_bert_model_exports_exactly_to_open_clip(tmp_path):
 
 def test_create_model_and_list_models():
     import medclipin
+    from medclipin.config import load_config
     from medclipin.errors import MedclipinError
 
     names = medclipin.list_models()
     assert "demo" in names and "open_clip:ViT-B-16-quickgelu" in names
     model, processor = medclipin.create_model("demo")
-    assert processor.image_cfg.size == 128 and model.spec.pre_dim > 0
+    assert processor.image_cfg.size == load_config("demo").data.image.size and model.spec.pre_dim > 0
     with pytest.raises(MedclipinError, match="trains its own tokenizer"):
         medclipin.create_model("tiny_clip")
 
