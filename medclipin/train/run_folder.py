@@ -48,6 +48,7 @@ RESUME_MAY_CHANGE = (
     "train.validate_every",            # validation runs in eval mode on the main process: no effect on training
     "train.max_nonfinite_steps",       # when a diverging run is stopped
     "train.threads",                   # CPU threads (bit-identical results need the same count: docs/reliability.md)
+    "train.retain_freed_memory",       # how the C allocator reuses memory: the same kernels, the same numbers
     "train.compile",                   # torch.compile: the same computation, other kernels
     "train.deterministic",             # deterministic kernels: the same computation, slower
     "data.num_workers",                # augmentation is a function of (seed, epoch, index), not of the worker
