@@ -117,9 +117,9 @@ def _fp32_on_cpu_class(conv_class: type) -> type:
 def depthwise_convs_in_fp32(module: nn.Module) -> int:
     """Run ``module``'s depthwise convolutions in fp32 when training under a CPU bf16 autocast; returns how many.
 
-    oneDNN's bf16 backward of a depthwise convolution is 3-5x its fp32 one (its weight gradient has no
-    AMX/VNNI kernel), while pointwise convolutions gain from bf16: an EfficientNet trains fastest with only its
-    depthwise layers in fp32. Forward-only passes (no grad) and GPUs keep autocast's choice. The layers change
+    On AVX512-BF16/AMX CPUs oneDNN's bf16 backward of a depthwise convolution measures 3-5x its fp32 one,
+    while pointwise convolutions gain from bf16: an EfficientNet trains fastest with only its depthwise
+    layers in fp32 (docs/performance.md). Forward-only passes (no grad) and GPUs keep autocast's choice. The layers change
     class, not parameters: state dicts and copies are unaffected."""
     count = 0
     for layer in module.modules():
