@@ -119,8 +119,8 @@ def depthwise_convs_in_fp32(module: nn.Module) -> int:
 
     On AVX512-BF16/AMX CPUs oneDNN's bf16 backward of a depthwise convolution measures 3-5x its fp32 one,
     while pointwise convolutions gain from bf16: an EfficientNet trains fastest with only its depthwise
-    layers in fp32 (docs/performance.md). Forward-only passes (no grad) and GPUs keep autocast's choice. The layers change
-    class, not parameters: state dicts and copies are unaffected."""
+    layers in fp32 (docs/performance.md). Forward-only passes (no grad) and GPUs keep autocast's choice.
+    The layers change class, not parameters: state dicts and copies are unaffected."""
     count = 0
     for layer in module.modules():
         if (isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels

@@ -272,11 +272,10 @@ def generate_synthetic_dataset(
             the validate/test splits are unchanged. See :mod:`medclipin.data.synthetic.pair_noise`.
         repetitive_fraction: fraction of the train-split normal studies whose report is one of three
             fixed templates; the manifests get a ``report_template`` column (``""`` or ``"1"``-``"3"``).
-
-    Both default to 0, which gives exactly the dataset of earlier versions (same bytes).
-
         workers: processes drawing the studies (0 = one per CPU, up to 4); the files are the same bytes
             whatever their number.
+
+    Both fractions default to 0, which gives exactly the dataset of earlier versions (same bytes).
 
     Raises:
         SyntheticDatasetError: ``out_dir`` holds a complete dataset with other parameters and
